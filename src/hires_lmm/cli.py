@@ -1,0 +1,180 @@
+"""The ``hires`` command line.
+
+Subcommands: ``plan`` (how a method looks at an image), ``cost`` (visual tokens and TFLOPs per
+image), ``demo`` (the main job until training lands: plans of a bundled image for every method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .plan import METHODS, Plan, parse_size, plan_image
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _methods(text: str) -> list[str]:
+    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in METHODS:
+            raise CLIError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or 'all'")
+    return names
+
+
+def _sizes(texts: Sequence[str]) -> list[tuple[int, int]]:
+    try:
+        return [parse_size(t) for t in texts]
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _fmt_box(box: Sequence[float] | None) -> str:
+    if box is None:
+        return "-"
+    return "[" + ", ".join(f"{v:g}" if float(v).is_integer() else f"{v:.1f}" for v in box) + "]"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table of a plan."""
+    grid = "x".join(map(str, plan.grid)) if plan.grid else "-"
+    seps = " ".join(repr(s)[1:-1] for s in plan.separators) or "-"
+    w, h = plan.image_size
+    lines = [f"{plan.method}  image {w}x{h}  grid {grid}  views {len(plan.views)}  "
+             f"visual tokens {plan.num_visual_tokens}" + (" (upper bound)" if plan.extra.get("bound") else ""),
+             f"  separators: {seps}",
+             f"  {'#':>3}  {'role':<10} {'size':<11} {'cell':<6} source box / stride"]
+    for i, v in enumerate(plan.views):
+        cell = f"{v.cell[0]},{v.cell[1]}" if v.cell else "-"
+        where = (f"rows {v.stride[2]}::{v.stride[0]}, cols {v.stride[1]}::{v.stride[0]} of the {plan.canvases[v.canvas].size[0]}"
+                 f"x{plan.canvases[v.canvas].size[1]} canvas") if v.stride else _fmt_box(v.box)
+        lines.append(f"  {i:>3}  {v.role:<10} {v.size[0]}x{v.size[1]:<{10 - len(str(v.size[0]))}} {cell:<6} {where}")
+    lines.append("  tokens: " + " + ".join(f"{g.count} {g.source}" for g in _merge_groups(plan)))
+    return "\n".join(lines)
+
+
+def _merge_groups(plan: Plan) -> list:
+    from .plan.types import TokenGroup
+
+    merged: dict[str, int] = {}
+    for g in plan.tokens:
+        key = g.source.split(" ")[0] if g.source.startswith(("slice", "separator")) else g.source
+        merged[key] = merged.get(key, 0) + g.count
+    return [TokenGroup(k, v) for k, v in merged.items()]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .image import ImageLoadError, image_size, load_image
+
+    methods = _methods(args.method)
+    targets: list[tuple[str | None, tuple[int, int]]] = [(None, s) for s in _sizes(args.size or [])]
+    for path in args.images:
+        try:
+            targets.append((path, image_size(path, max_pixels=args.max_pixels)))
+        except ImageLoadError as e:
+            raise CLIError(str(e)) from None
+    if not targets:
+        raise CLIError("give --size WxH or one or more image paths")
+    if args.out and not any(p for p, _ in targets):
+        raise CLIError("--out draws the plan over an image: give an image path")
+    n_pictures = sum(1 for p, _ in targets if p) * len(methods)
+    for path, size in targets:
+        for m in methods:
+            plan = plan_image(m, size)
+            if args.json:
+                print(json.dumps(plan.to_json()))
+            else:
+                print((f"{path}\n" if path else "") + format_plan(plan) + "\n")
+            if args.out and path:
+                from .image.overlay import draw_plan
+
+                out = Path(args.out)
+                if n_pictures > 1:
+                    out = out.with_name(f"{out.stem}-{Path(path).stem}-{m}{out.suffix or '.png'}")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                draw_plan(load_image(path, max_pixels=args.max_pixels), plan).save(out)
+                print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def format_cost(rep) -> str:  # noqa: ANN001 - CostReport
+    t = 1e12
+    w, h = rep.image_size
+    lines = [f"{rep.method}  image {w}x{h}  visual tokens {rep.num_visual_tokens}  "
+             f"LLM {rep.llm_params / 1e9:g}B (hidden {rep.llm_hidden})"]
+    for v in rep.views:
+        lines.append(f"  vision  {v.role:<10} {v.size[0]}x{v.size[1]:<6} {v.encoder:<8} {v.tokens:>6} tokens  {v.flops / t:8.3f} TFLOPs")
+    for k, v in rep.connector_parts.items():
+        lines.append(f"  connect {k:<40} {v / t:8.3f} TFLOPs")
+    lines += [f"  vision total    {rep.vision_flops / t:8.3f} TFLOPs",
+              f"  connector total {rep.connector_flops / t:8.3f} TFLOPs",
+              f"  LLM prefill     {rep.llm_flops / t:8.3f} TFLOPs  (2 x params x visual tokens)",
+              f"  total           {rep.total_flops / t:8.3f} TFLOPs"]
+    return "\n".join(lines)
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from .plan.cost import plan_cost
+
+    if args.llm_params <= 0:
+        raise CLIError("--llm-params must be positive")
+    for size in _sizes(args.size):
+        for m in _methods(args.method):
+            rep = plan_cost(plan_image(m, size), llm_params=args.llm_params, llm_hidden=args.llm_hidden)
+            print(json.dumps(rep.to_json()) if args.json else format_cost(rep) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hires", description="High-resolution multimodal LLMs of the LLaVA family.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="how a method looks at an image: views, grid, separators, visual tokens")
+    p.add_argument("images", nargs="*", help="image files to plan (their EXIF-oriented size is used)")
+    p.add_argument("--method", "-m", required=True, help=f"one of {', '.join(METHODS)}; comma-separated, or 'all'")
+    p.add_argument("--size", action="append", metavar="WxH", help="plan an image of this size (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--out", help="draw the plan over the image into this PNG")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb limit")
+    p.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("cost", help="visual tokens and TFLOPs per image, from the plan alone")
+    c.add_argument("--method", "-m", required=True)
+    c.add_argument("--size", action="append", required=True, metavar="WxH")
+    c.add_argument("--llm-params", type=float, default=7e9, help="LLM parameter count (default 7e9)")
+    c.add_argument("--llm-hidden", type=int, default=None, help="LLM hidden size (default: from --llm-params)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cost)
+
+    d = sub.add_parser("demo", help="the main job: plans of a bundled image for every method, with pictures")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--quick", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"hires {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `hires plan ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

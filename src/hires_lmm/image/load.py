@@ -1,0 +1,229 @@
+"""One safe image loader, used everywhere an image enters the library.
+
+* EXIF orientation is applied (a phone photo taken in portrait stays in portrait).
+* Every PIL mode is converted to 8-bit RGB deliberately: palette and alpha images are composited
+  on a defined background (white unless told), 16-bit and 32-bit greyscale are rescaled (not
+  clipped), CMYK and YCbCr go through PIL's converters, 1-bit becomes black and white.
+* A pixel limit guards against decompression bombs; it is checked on the header, before any
+  pixel is decoded.
+* Missing, empty, truncated and non-image inputs raise :class:`ImageLoadError` subclasses whose
+  message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Default pixel limit: 64 megapixels (an 8000×8000 photo). Large enough for real photographs and
+#: scans, small enough that one decoded image (3 bytes per pixel) cannot exhaust memory.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+
+_pil_lock = threading.Lock()
+
+
+class ImageLoadError(ValueError):
+    """An image could not be loaded; the message names the source and the problem."""
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """The file does not exist."""
+
+
+class EmptyImageError(ImageLoadError):
+    """The file or buffer holds no bytes."""
+
+
+class NotAnImageError(ImageLoadError):
+    """The bytes are not an image format PIL can decode."""
+
+
+class TruncatedImageError(ImageLoadError):
+    """The image data ends early or is corrupt."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+def _describe(src: object) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return f"image file {os.fspath(src)!r}"
+    if isinstance(src, (bytes, bytearray)):
+        return f"image data ({len(src)} bytes)"
+    return "image stream"
+
+
+@contextmanager
+def _no_pil_bomb_check() -> Iterator[None]:
+    """Our own pixel limit replaces PIL's global one while a header is read (thread-safe)."""
+    with _pil_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_data_url(url: str) -> bytes:
+    """Bytes of a ``data:image/...;base64,`` URL; ImageLoadError when malformed."""
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or ";base64" not in head:
+        raise ImageLoadError("expected a data URL of the form 'data:image/<type>;base64,<data>'")
+    if not head[5:].startswith("image/"):
+        raise NotAnImageError(f"data URL has media type {head[5:].split(';')[0]!r}, not image/*")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageLoadError(f"data URL holds invalid base64: {e}") from None
+
+
+def _open(src: ImageSource, what: str) -> Image.Image:
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ImageNotFoundError(f"{what}: no such file")
+        if path.is_dir():
+            raise ImageLoadError(f"{what}: is a directory, not an image file")
+        if path.stat().st_size == 0:
+            raise EmptyImageError(f"{what}: the file is empty (0 bytes)")
+        fp: object = path
+    elif isinstance(src, (bytes, bytearray)):
+        if len(src) == 0:
+            raise EmptyImageError(f"{what}: no bytes")
+        fp = io.BytesIO(bytes(src))
+    else:
+        fp = src
+    try:
+        with _no_pil_bomb_check():
+            return Image.open(fp)  # type: ignore[arg-type]
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{what}: not a recognised image format") from None
+    except OSError as e:
+        raise TruncatedImageError(f"{what}: cannot read image header ({e})") from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not make the image unreadable
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def image_size(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(w, h)`` as the model will see it (EXIF orientation applied), reading only the header."""
+    if isinstance(src, Image.Image):
+        return _oriented_size(src)
+    what = _describe(src)
+    img = _open(src, what)
+    try:
+        size = _oriented_size(img)
+        _check_pixels(size, max_pixels, what)
+        return size
+    finally:
+        img.close()
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise TruncatedImageError(f"{what}: has an empty size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{what}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+            "(a decompression-bomb guard; raise max_pixels to allow it)")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Transparent pixels are composited on ``background``; high-bit-depth greyscale is rescaled to
+    0-255 from its type's full range (``I;16*``: 0-65535; ``I``: 0-65535 when the data fits,
+    else its own min-max; ``F``: 0-1 when the data fits, else 0-255 clipped).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("1", "L"):
+        return img.convert("RGB")
+    if mode == "P":
+        has_alpha = "transparency" in img.info or img.palette is not None and img.palette.mode == "RGBA"
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            hi = 1.0 if a.size == 0 or np.nanmax(a) <= 1.0 else 255.0
+            a = np.nan_to_num(a) / hi * 255.0
+        elif mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535):
+            a = a / 257.0
+        else:
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) / max(hi - lo, 1.0) * 255.0
+        grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    # CMYK, YCbCr, LAB, HSV and the rest: PIL's own converters
+    return img.convert("RGB")
+
+
+def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode an image safely into an 8-bit RGB ``PIL.Image`` with EXIF orientation applied.
+
+    Args:
+        src: a path, raw bytes, a binary stream, a ``data:image/...;base64,`` URL string, or an
+            already-open PIL image.
+        max_pixels: refuse images with more pixels (checked before decoding); None disables.
+        background: RGB colour behind transparent pixels.
+
+    Raises:
+        ImageLoadError (or a subclass) naming the source and what is wrong.
+    """
+    if isinstance(src, str) and src.startswith("data:"):
+        src = decode_data_url(src)
+    what = _describe(src)
+    opened = None if isinstance(src, Image.Image) else _open(src, what)
+    img = src if opened is None else opened
+    try:
+        _check_pixels(_oriented_size(img), max_pixels, what)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        out = to_rgb(img, background)
+        out.load()
+        return out
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg or isinstance(e, (EOFError, SyntaxError)):
+            raise TruncatedImageError(f"{what}: image data is truncated or corrupt ({msg})") from None
+        raise TruncatedImageError(f"{what}: cannot decode image ({msg})") from None
+    finally:
+        if opened is not None:
+            opened.close()

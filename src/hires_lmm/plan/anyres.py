@@ -1,0 +1,94 @@
+"""LLaVA-NeXT "anyres" (as transformers' ``LlavaNextImageProcessor`` does it) and its geometry.
+
+The grid-resolution choice and the resize-and-pad step are shared with SliME's local view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .common import check_size, grid_boxes
+from .types import Canvas, Plan, Size, TokenGroup, cut_view
+
+#: LLaVA-NeXT's default grid pinpoints, (w, h).
+NEXT_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def select_best_resolution(size: Size, candidates: Sequence[Size]) -> Size:
+    """The candidate ``(w, h)`` that maximises the effective resolution, then least waste.
+
+    Effective resolution = min(int(W·s)·int(H·s), W·H) with s = min(w/W, h/H); ties are broken
+    by the smallest wasted area w·h − effective, and the first candidate wins exact ties.
+    """
+    W, H = size
+    best: Size | None = None
+    max_eff, min_waste = 0, float("inf")
+    for w, h in candidates:
+        scale = min(w / W, h / H)
+        eff = min(int(W * scale) * int(H * scale), W * H)
+        waste = w * h - eff
+        if eff > max_eff or (eff == max_eff and waste < min_waste):
+            max_eff, min_waste, best = eff, waste, (w, h)
+    if best is None:
+        raise ValueError("no candidate resolutions")
+    return best
+
+
+def fit_inside(size: Size, target: Size) -> Size:
+    """Aspect-preserving resize of ``size`` to fit ``target`` (ceil on the free side, clamped)."""
+    W, H = size
+    tw, th = target
+    sw, sh = tw / W, th / H
+    if sw < sh:
+        return tw, min(math.ceil(H * sw), th)
+    return min(math.ceil(W * sh), tw), th
+
+
+def padded_canvas(size: Size, target: Size, fill: str = "black") -> Canvas:
+    """Resize keeping aspect ratio to fit ``target`` and centre it on a ``fill`` canvas."""
+    nw, nh = fit_inside(size, target)
+    return Canvas(size=target, resize=(nw, nh), offset=((target[0] - nw) // 2, (target[1] - nh) // 2),
+                  fill=fill)  # type: ignore[arg-type]
+
+
+def unpadded_grid(size: Size, grid_cols: int, grid_rows: int, tile_patches: int = 24) -> tuple[int, int]:
+    """Rows and columns of the tile feature map left after removing padding ("unpad").
+
+    Same arithmetic as transformers' ``LlavaNextProcessor._get_unpadded_features`` and the
+    model's ``unpad_image``: returns ``(cols, rows)`` of the unpadded map.
+    """
+    W, H = size
+    cur_h, cur_w = tile_patches * grid_rows, tile_patches * grid_cols
+    if W / H > cur_w / cur_h:
+        new_h = int(round(H * (cur_w / W), 7))
+        pad = (cur_h - new_h) // 2
+        cur_h -= 2 * pad
+    else:
+        new_w = int(round(W * (cur_h / H), 7))
+        pad = (cur_w - new_w) // 2
+        cur_w -= 2 * pad
+    return cur_w, cur_h
+
+
+def plan_llava_next(size: Size, *, side: int = 336, patch: int = 14,
+                    pinpoints: Sequence[Size] = NEXT_PINPOINTS) -> Plan:
+    """Base view (image squashed to ``side``) then the pinpoint's tiles, row-major.
+
+    Tokens: (side/patch)² base + unpadded tile map + one ``image_newline`` per unpadded row.
+    """
+    size = check_size(size)
+    best = select_best_resolution(size, pinpoints)
+    cols, rows = best[0] // side, best[1] // side
+    canvases = (Canvas(size=(side, side), resize=(side, side)), padded_canvas(size, best, "black"))
+    views = [cut_view(canvases, 0, "base", (side, side), size)]
+    for cell, box in grid_boxes(cols, rows, (side, side)):
+        views.append(cut_view(canvases, 1, "tile", (side, side), size, crop=box, cell=cell))
+    g = side // patch
+    ucols, urows = unpadded_grid(size, cols, rows, g)
+    n = g * g + ucols * urows + urows
+    tokens = (TokenGroup("base", g * g), TokenGroup("tiles (unpadded)", ucols * urows),
+              TokenGroup("image_newline", urows))
+    return Plan(method="llava-next", image_size=size, grid=(cols, rows), canvases=canvases,
+                views=tuple(views), separators=(), num_visual_tokens=n, tokens=tokens, patch_size=patch,
+                extra={"best_resolution": list(best), "unpadded_grid": [ucols, urows]})

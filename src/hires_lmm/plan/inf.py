@@ -1,0 +1,27 @@
+"""INF-LLaVA dual-perspective cropping (WeihuangLin/INF-LLaVA ``encode_images``).
+
+Pad to square (mean colour), resize to n·336 = 1008; local crops are the n×n contiguous tiles,
+global crops the n×n strided sub-images ``img[dy::n, dx::n]`` (each covers the whole image), and a
+thumbnail is the canvas resized to 336 (torch bicubic). 2n²+1 ViT passes; the DEM output is
+averaged with the thumbnail features, so the LLM gets (336/14)² = 576 tokens.
+"""
+
+from __future__ import annotations
+
+from .common import check_size, grid_boxes
+from .types import Canvas, Plan, Size, TokenGroup, cut_view
+
+
+def plan_inf_llava(size: Size, *, n: int = 3, side: int = 336, patch: int = 14) -> Plan:
+    size = check_size(size)
+    S = n * side
+    canvases = (Canvas(size=(S, S), resize=(S, S), pad_square=True, fill="mean"),)
+    views = [cut_view(canvases, 0, "local", (side, side), size, crop=box, cell=cell)
+             for cell, box in grid_boxes(n, n, (side, side))]
+    views += [cut_view(canvases, 0, "global", (side, side), size, stride=(n, dx, dy), cell=(dx, dy))
+              for dy in range(n) for dx in range(n)]
+    views.append(cut_view(canvases, 0, "thumbnail", (side, side), size, resample="torch_bicubic"))
+    g = (side // patch) ** 2
+    return Plan(method="inf-llava", image_size=size, grid=(n, n), canvases=canvases, views=tuple(views),
+                separators=(), num_visual_tokens=g, tokens=(TokenGroup("thumbnail + DEM", g),),
+                patch_size=patch, extra={"n": n})
