@@ -16,10 +16,11 @@ import base64
 import binascii
 import io
 import os
+import struct
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Union
 
@@ -81,6 +82,16 @@ def _no_pil_bomb_check() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def _pil_limit_for_decoding(max_pixels: int | None) -> AbstractContextManager[None]:
+    """Some decoders (TIFF, GIF, ...) consult PIL's global limit again while decoding. Keep it as a
+    second guard, but lift it when it is stricter than ours, so that a caller's ``max_pixels``
+    (``None`` included) is what decides. Lifting it takes the lock, so only such loads serialise."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and (max_pixels is None or max_pixels > pil):
+        return _no_pil_bomb_check()
+    return nullcontext()
+
+
 def decode_data_url(url: str) -> bytes:
     """Bytes of a ``data:image/...;base64,`` URL; ImageLoadError when malformed."""
     head, sep, payload = url.partition(",")
@@ -119,10 +130,56 @@ def _open(src: ImageSource, what: str) -> Image.Image:
         raise TruncatedImageError(f"{what}: cannot read image header ({e})") from None
 
 
+def _png_trailing_exif(img: Image.Image) -> bytes | None:
+    """The eXIf chunk that follows the image data of a PNG not yet decoded, found by skipping from
+    chunk header to chunk header (nothing is decompressed); None when there is none.
+
+    PIL's own ``PngImageFile.getexif()`` decodes the whole image to find it. Raises LookupError
+    where this cannot decide (an animated PNG, an odd chunk layout, a text chunk that might hold
+    ImageMagick's "Raw profile type exif"), so that the caller falls back to PIL.
+    """
+    fp = img.fp
+    if fp is None or not img.tile or getattr(img, "is_animated", False):
+        raise LookupError
+    pos = fp.tell()
+    try:
+        fp.seek(img.tile[0].offset - 8)  # the first IDAT chunk's length and type
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, cid = struct.unpack(">I4s", head)
+            if not cid.isalpha():
+                raise LookupError
+            if cid == b"eXIf":
+                return fp.read(length)
+            if cid == b"IEND":
+                return None
+            if cid in (b"tEXt", b"zTXt", b"iTXt"):
+                raise LookupError
+            fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    finally:
+        fp.seek(pos)
+
+
+def _orientation(img: Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info and img.tile:
+        try:  # the PNG's header had no eXIf chunk: look after the image data without decoding it
+            exif = _png_trailing_exif(img)
+            if exif is None:
+                return 1
+            e = Image.Exif()
+            e.load(exif)
+            return int(e.get(0x0112, 1))
+        except Exception:
+            pass
+    return int(img.getexif().get(0x0112, 1))
+
+
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     w, h = img.size
     try:
-        orientation = img.getexif().get(0x0112, 1)
+        orientation = _orientation(img)
     except Exception:  # a broken EXIF block must not make the image unreadable
         orientation = 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -130,14 +187,16 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 
 def image_size(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """``(w, h)`` as the model will see it (EXIF orientation applied), reading only the header."""
-    if isinstance(src, Image.Image):
-        return _oriented_size(src)
+    if isinstance(src, str) and src.startswith("data:"):
+        src = decode_data_url(src)
     what = _describe(src)
+    if isinstance(src, Image.Image):
+        _check_pixels(src.size, max_pixels, what)
+        return _oriented_size(src)
     img = _open(src, what)
     try:
-        size = _oriented_size(img)
-        _check_pixels(size, max_pixels, what)
-        return size
+        _check_pixels(img.size, max_pixels, what)  # the pixel count does not depend on orientation
+        return _oriented_size(img)
     finally:
         img.close()
 
@@ -209,16 +268,20 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     opened = None if isinstance(src, Image.Image) else _open(src, what)
     img = src if opened is None else opened
     try:
-        _check_pixels(_oriented_size(img), max_pixels, what)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated GIF / multi-page TIFF: the first frame
-        img.load()
+        # on the stored size, before anything else: reading a PNG's EXIF can decode the pixels
+        _check_pixels(img.size, max_pixels, what)
+        with _pil_limit_for_decoding(max_pixels):
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+            img.load()
         img = ImageOps.exif_transpose(img) or img
         out = to_rgb(img, background)
         out.load()
         return out
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{what}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or type(e).__name__
         if "truncated" in msg or isinstance(e, (EOFError, SyntaxError)):

@@ -11,8 +11,13 @@ from collections.abc import Sequence
 from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
-#: LLaVA-NeXT's default grid pinpoints, (w, h).
-NEXT_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+#: LLaVA-NeXT's grid pinpoints as (w, h), in the order transformers tries them: the checkpoints'
+#: config lists [[336, 672], [672, 336], ...] and transformers reads each pair as (h, w).
+NEXT_PINPOINTS: tuple[Size, ...] = ((672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336))
+#: The same set in haotian-liu/LLaVA's order, which reads each pair as (w, h). The set is symmetric,
+#: so the two orders differ only on exact ties (small images, where every pinpoint holds the whole
+#: image): LLaVA then picks 336x672 (portrait), transformers 672x336 (landscape).
+LLAVA_PINPOINTS: tuple[Size, ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 def select_best_resolution(size: Size, candidates: Sequence[Size]) -> Size:
