@@ -176,6 +176,12 @@ def _orientation(img: Image.Image) -> int:
     return int(img.getexif().get(0x0112, 1))
 
 
+def _release(img: Image.Image) -> None:
+    """Let go of an image we opened: close its file if PIL opened it (a path), but never a stream
+    the caller passed in (``Image.close()`` would close that too)."""
+    img.__exit__(None, None, None)  # what ``with Image.open(...)`` does on leaving
+
+
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
     w, h = img.size
     try:
@@ -198,7 +204,7 @@ def image_size(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         _check_pixels(img.size, max_pixels, what)  # the pixel count does not depend on orientation
         return _oriented_size(img)
     finally:
-        img.close()
+        _release(img)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
@@ -274,8 +280,13 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated GIF / multi-page TIFF: the first frame
             img.load()
-        img = ImageOps.exif_transpose(img) or img
+        try:
+            img = ImageOps.exif_transpose(img) or img
+        except Exception:  # a broken EXIF block: keep the stored orientation, as image_size does
+            pass
         out = to_rgb(img, background)
+        if out is src or out is opened:  # never hand back the caller's image or our file-backed one
+            out = out.copy()
         out.load()
         return out
     except ImageLoadError:
@@ -289,4 +300,4 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise TruncatedImageError(f"{what}: cannot decode image ({msg})") from None
     finally:
         if opened is not None:
-            opened.close()
+            _release(opened)
