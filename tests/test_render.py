@@ -132,3 +132,20 @@ def test_render_extreme_sizes_every_method(size):
         p = plan_image(m, size)
         for v, t in zip(p.views, render(img, p)):
             assert t.shape == (3, v.size[1], v.size[0]) and torch.isfinite(t).all()
+
+
+def test_inf_eval_path_upsamples_the_336_tensor():
+    """INF-LLaVA's evaluation loader gives the model a 336 tensor that it upsamples to 1008."""
+    from hires_lmm.image.render import make_canvas
+
+    img = noise_image((900, 600), 9)
+    p = plan_image("inf-llava", img.size, path="eval")
+    small = normalize(make_canvas(img, p.canvases[0]))
+    big = F.interpolate(small[None], (1008, 1008), mode="bicubic", align_corners=False)[0]
+    views = render(img, p)
+    assert torch.equal(views[0], big[:, :336, :336])
+    assert torch.equal(views[9 + 5], big[:, 1::3, 2::3])  # sub[h·3+w] with h=1, w=2
+    assert torch.allclose(views[18], small, atol=1e-5)  # thumbnail: 336 → 336
+    assert p.views[0].box == pytest.approx(plan_image("inf-llava", img.size).views[0].box)
+    with pytest.raises(ValueError, match="path"):
+        plan_image("inf-llava", img.size, path="test")

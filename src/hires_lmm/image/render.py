@@ -71,14 +71,11 @@ def cut(canvas: torch.Tensor, view: View) -> torch.Tensor:
     else:
         t = canvas
     w, h = view.size
-    if t.shape[-2:] != (h, w):
-        if view.resample == "torch_bicubic":
-            t = F.interpolate(t[None], size=(h, w), mode="bicubic", align_corners=False)[0]
-        elif view.resample == "torch_bilinear_ac":
-            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=True)[0]
-        else:
-            raise ValueError(f"view {view.role} is {tuple(t.shape[-2:])} on its canvas but planned {h}x{w}, "
-                             "and it names no resampling")
+    if view.resample is not None:
+        t = resize_tensor(t, view.size, view.resample)
+    elif t.shape[-2:] != (h, w):
+        raise ValueError(f"view {view.role} is {tuple(t.shape[-2:])} on its canvas but planned {h}x{w}, "
+                         "and it names no resampling")
     return t.contiguous()
 
 
@@ -93,5 +90,22 @@ def render(img: Image.Image, plan: Plan) -> list[torch.Tensor]:
     if img.mode != "RGB":
         raise ValueError(f"render needs an RGB image (use hires_lmm.image.load_image), got mode {img.mode}")
     src = img.resize(plan.prescale, Image.Resampling.BICUBIC) if plan.prescale else img
-    canvases = [normalize(make_canvas(src, c)) for c in plan.canvases]
+    canvases: list[torch.Tensor] = []
+    for c in plan.canvases:
+        if c.source is None:
+            canvases.append(normalize(make_canvas(src, c)))
+        else:  # derived in tensor space, as the reference model does
+            canvases.append(resize_tensor(canvases[c.source], c.size, c.resample))
     return [cut(canvases[v.canvas], v) for v in plan.views]
+
+
+def resize_tensor(t: torch.Tensor, size: tuple[int, int], resample: str | None) -> torch.Tensor:
+    """Resize a (3, H, W) tensor to ``size = (w, h)`` with a torch resampling of the plan."""
+    w, h = size
+    if t.shape[-2:] == (h, w) and resample != "torch_bicubic":
+        return t
+    if resample == "torch_bicubic":
+        return F.interpolate(t[None], size=(h, w), mode="bicubic", align_corners=False)[0]
+    if resample == "torch_bilinear_ac":
+        return F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+    raise ValueError(f"cannot resize a tensor with resampling {resample!r}")

@@ -12,16 +12,27 @@ from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
 
-def plan_inf_llava(size: Size, *, n: int = 3, side: int = 336, patch: int = 14) -> Plan:
+def plan_inf_llava(size: Size, *, n: int = 3, side: int = 336, patch: int = 14, path: str = "train") -> Plan:
+    """``path="train"`` (default): the training loader's processor makes the 1008 canvas with PIL
+    (pad, resize). ``path="eval"``: the evaluation loader's processor makes a 336 canvas and the
+    model upsamples it bicubically (torch) to 1008; the thumbnail is then the 336 canvas itself."""
     size = check_size(size)
     S = n * side
-    canvases = (Canvas(size=(S, S), resize=(S, S), pad_square=True, fill="mean"),)
-    views = [cut_view(canvases, 0, "local", (side, side), size, crop=box, cell=cell)
+    if path == "train":
+        canvases: tuple[Canvas, ...] = (Canvas(size=(S, S), resize=(S, S), pad_square=True, fill="mean"),)
+        big = 0
+    elif path == "eval":
+        small = Canvas(size=(side, side), resize=(side, side), pad_square=True, fill="mean")
+        canvases = (small, Canvas(size=(S, S), resize=(S, S), resample="torch_bicubic", source=0, parent=small))
+        big = 1
+    else:
+        raise ValueError(f"path must be 'train' or 'eval', got {path!r}")
+    views = [cut_view(canvases, big, "local", (side, side), size, crop=box, cell=cell)
              for cell, box in grid_boxes(n, n, (side, side))]
-    views += [cut_view(canvases, 0, "global", (side, side), size, stride=(n, dx, dy), cell=(dx, dy))
+    views += [cut_view(canvases, big, "global", (side, side), size, stride=(n, dx, dy), cell=(dx, dy))
               for dy in range(n) for dx in range(n)]
-    views.append(cut_view(canvases, 0, "thumbnail", (side, side), size, resample="torch_bicubic"))
+    views.append(cut_view(canvases, big, "thumbnail", (side, side), size, resample="torch_bicubic"))
     g = (side // patch) ** 2
     return Plan(method="inf-llava", image_size=size, grid=(n, n), canvases=canvases, views=tuple(views),
                 separators=(), num_visual_tokens=g, tokens=(TokenGroup("thumbnail + DEM", g),),
-                patch_size=patch, extra={"n": n})
+                patch_size=patch, extra={"n": n, "path": path})

@@ -46,6 +46,9 @@ class Canvas:
       filled with ``fill``, at native resolution, then resize that square to ``size``.
     * ``pad_square=False``: resize the image to ``resize`` and paste it at ``offset`` on a
       ``size`` canvas filled with ``fill`` (when ``resize == size`` this is a plain resize).
+    * ``source=k``: not made from the image but from canvas ``k``'s normalised tensor, resized to
+      ``size`` with ``resample`` (a torch resampling: INF-LLaVA's evaluation path upsamples the
+      336 tensor to 1008 inside the model).
     """
 
     size: Size
@@ -54,10 +57,16 @@ class Canvas:
     pad_square: bool = False
     fill: Fill = "black"
     resample: Resample = "pil_bicubic"
+    source: int | None = None
+    #: for a derived canvas (``source`` set): the canvas it is made from, to map points back
+    parent: "Canvas | None" = None
 
     def to_image(self, x: float, y: float, image_size: Size) -> tuple[float, float]:
         """Map a point on this canvas to original-image coordinates."""
         w, h = image_size
+        if self.parent is not None:
+            px, py = self.parent.size
+            return self.parent.to_image(x * px / self.size[0], y * py / self.size[1], image_size)
         if self.pad_square:
             side = max(w, h)
             # expand2square pastes at ((side - w) // 2, (side - h) // 2)
