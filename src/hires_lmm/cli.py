@@ -130,6 +130,44 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Build a model, run a real forward on a random image and report what it did."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .methods import build_model
+
+    (method,) = _methods(args.method)
+    (size,) = _sizes([args.size])
+    if args.tiny:
+        model = build_model(method, tiny=True, seed=args.seed)
+    elif args.vision and args.llm:
+        model = build_model(method, vision=args.vision, llm=args.llm, convnext=args.convnext, seed=args.seed)
+    else:
+        raise CLIError("give --tiny, or --vision DIR and --llm DIR (and --convnext DIR for llava-hr)")
+    rng = np.random.default_rng(args.seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    image = model.prepare_image(img)
+    ids = torch.tensor(model.tokenizer(f"{model.config.image_token}\nDescribe the image.", add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        out = model([ids], [[image]])
+    vit = model.visual.vit
+    params = {"total": sum(p.numel() for p in model.parameters()),
+              "llm": sum(p.numel() for p in model.llm.parameters()),
+              "vision_encoder": sum(p.numel() for p in vit.parameters())}
+    params["connector"] = params["total"] - params["llm"] - params["vision_encoder"]
+    info = {"method": method, "encoder_side": vit.image_size, "planned_visual_tokens": image.plan.num_visual_tokens,
+            "num_visual_tokens": out.batch.num_visual_tokens[0], "params": params,
+            "views": len(image.plan.views), "logits_shape": list(out.logits.shape)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:<22} {v}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -157,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--llm-hidden", type=int, default=None, help="LLM hidden size (default: from --llm-params)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cost)
+
+    i = sub.add_parser("inspect", help="build a model and run a real forward on a random image")
+    i.add_argument("--method", "-m", required=True)
+    i.add_argument("--size", default="1024x768", metavar="WxH")
+    i.add_argument("--tiny", action="store_true", help="the tiny preset (no weights needed)")
+    i.add_argument("--vision", help="local CLIP/SigLIP directory (Hugging Face format)")
+    i.add_argument("--llm", help="local causal LM directory (Hugging Face format)")
+    i.add_argument("--convnext", help="local ConvNeXt weights (llava-hr)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="the main job: plans of a bundled image for every method, with pictures")
     d.add_argument("--out", default="out/demo")
