@@ -122,7 +122,7 @@ def build_model(method: str, *, tiny: bool = False, vision: str | os.PathLike | 
 
         cnx = ConvNeXt.from_pretrained(convnext)
         cnx_cfg = cnx.config.to_dict()
-    vision_cfg = copy.deepcopy(vit.model.config.to_dict())
+    vision_cfg = copy.deepcopy(vit.vision_tower.config.to_dict())
     config = HiresConfig(method=method, plan_options=dict(p.plan_options), vision_config=vision_cfg,
                          convnext_config=cnx_cfg, connector={**p.connector, **connector},
                          text_config=lm.config.to_dict())

@@ -358,7 +358,7 @@ class ViT(nn.Module):
             groups[(int(v.shape[1]), int(v.shape[2]))].append(i)
         out: list[torch.Tensor | None] = [None] * len(views)
         for idxs in groups.values():
-            feats = self.forward(torch.stack([views[i] for i in idxs]), select_layer)
+            feats = self(torch.stack([views[i] for i in idxs]), select_layer)
             for i, f in zip(idxs, feats.unbind(0)):
                 out[i] = f
         return out  # type: ignore[return-value]
