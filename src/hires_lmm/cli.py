@@ -168,6 +168,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data.records import DataError
+    from .train.trainer import TrainConfig, TrainingError, train
+
+    (method,) = _methods(args.method)
+    if not args.tiny and not args.init and not (args.vision and args.llm):
+        raise CLIError("give --tiny, or --vision DIR and --llm DIR (and --convnext DIR for llava-hr), or --init DIR")
+    cfg = TrainConfig(
+        method=method, data_path=args.data_path, image_folder=args.image_folder, output_dir=args.output_dir,
+        stage=args.stage, tiny=args.tiny, vision=args.vision, llm=args.llm, convnext=args.convnext, init=args.init,
+        template=args.template, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+        max_length=args.max_length, seed=args.seed, save_steps=args.save_steps, keep_last=args.keep_last,
+        resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
+        group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+        progress=not args.no_progress)
+    try:
+        res = train(cfg)
+    except (TrainingError, DataError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps({"steps": res.steps, "final_loss": res.final_loss, "output_dir": res.output_dir,
+                      "stopped_by": res.stopped_by, "skipped_records": res.skipped_records}))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .data.synth import generate
+
+    info = generate(Path(args.out), args.n, seed=args.seed, test_fraction=args.test_fraction,
+                    tasks=tuple(args.tasks.split(",")) if args.tasks else ("color", "shape", "count", "digit"),
+                    workers=args.workers)
+    print(json.dumps({k: v for k, v in info.items() if k in ("counts", "out_dir", "seed")} or info, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -206,6 +242,49 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("train", help="train a method's stage on LLaVA-format data")
+    t.add_argument("--method", "-m", required=True)
+    t.add_argument("--stage", default="scratch", help="the paper's stage (1, 2; SliME 1a, 1b, 2, 3) or 'scratch'")
+    t.add_argument("--tiny", action="store_true")
+    t.add_argument("--vision")
+    t.add_argument("--llm")
+    t.add_argument("--convnext")
+    t.add_argument("--init", help="start from a previous stage's output directory")
+    t.add_argument("--data-path", required=True, help="LLaVA JSON/JSONL, or a LLaVA-NeXT YAML list of files")
+    t.add_argument("--image-folder", default=".")
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--template", help="plain, vicuna_v1, llama3, chatml or tokenizer (default: the stage's)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=4, help="per process, per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, help="one learning rate for every trained group (default: the paper's)")
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-length", type=int, default=4096)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-steps", type=int, default=100)
+    t.add_argument("--keep-last", type=int, default=2)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
+    t.add_argument("--no-group-by-length", action="store_true")
+    t.add_argument("--num-workers", type=int, default=0)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    sy = data.add_parser("synth", help="generate the synthetic fine-detail dataset (LLaVA format)")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--n", type=int, default=1000)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--test-fraction", type=float, default=0.2)
+    sy.add_argument("--tasks", help="comma-separated: color, shape, count, digit")
+    sy.add_argument("--workers", type=int, default=1)
+    sy.set_defaults(func=cmd_data_synth)
 
     d = sub.add_parser("demo", help="the main job: plans of a bundled image for every method, with pictures")
     d.add_argument("--out", default="out/demo")

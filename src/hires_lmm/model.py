@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
 
 from .config import HiresConfig
 from .image import load_image
@@ -61,6 +62,30 @@ class Batch:
     num_visual_tokens: list[int]
 
 
+def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
+                  plan_options: dict[str, Any] | None = None) -> ImageInput:
+    """Load (safely), plan and render one image for ``method`` — no model needed, so data-loader
+    workers can do it."""
+    img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
+    plan = plan_image(method, img.size, **(plan_options or {}))
+    return ImageInput(plan, render(img, plan))
+
+
+@dataclass
+class HiresOutput(ModelOutput):
+    """The LLM's output plus the spliced :class:`Batch` (a field, so DDP's output handling keeps it).
+
+    Attributes:
+        loss: mean cross-entropy over labelled tokens, when labels were given.
+        logits: (B, T, V) over the spliced sequence.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    batch: Batch | None = None
+
+
 class HiresLMM(nn.Module):
     """A high-resolution LMM of one method (see :mod:`hires_lmm.methods` for the presets)."""
 
@@ -92,9 +117,7 @@ class HiresLMM(nn.Module):
 
     def prepare_image(self, image: Image.Image | str | os.PathLike | bytes) -> ImageInput:
         """Load (safely), plan and render one image."""
-        img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
-        plan = self.plan(img.size)
-        return ImageInput(plan, render(img, plan))
+        return prepare_image(image, self.config.method, self.config.plan_options)
 
     def encode_images(self, images: Sequence[ImageInput], text_embeds: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Visual token sequences, one ``(n_i, D)`` tensor per image (all views encoded together)."""
@@ -167,14 +190,12 @@ class HiresLMM(nn.Module):
                 labels: Sequence[torch.Tensor] | None = None, **llm_kwargs: Any):
         """Logits (B, T, V) over the spliced sequence, and the loss when ``labels`` are given.
 
-        Returns the LLM's ``CausalLMOutputWithPast`` with an extra ``batch`` attribute (the
-        spliced :class:`Batch`).
+        Returns a :class:`HiresOutput` (loss, logits, past_key_values and the spliced batch).
         """
         batch = self.build_inputs(input_ids, images, labels)
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
-        out.batch = batch
-        return out
+        return HiresOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, batch=batch)
 
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,7 +272,8 @@ class HiresLMM(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: str | int = "5GB") -> None:
         """Write config.json, model.safetensors (sharded with an index when large) and the
         tokenizer files (with its chat template). Written to a temporary directory first and
-        moved into place, so an interrupted save never leaves a half-written model."""
+        moved into place (config.json last), so an interrupted save never leaves a half-written
+        file; other files already in ``path`` (checkpoints, metrics) are left alone."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
@@ -269,14 +291,15 @@ class HiresLMM(nn.Module):
             if split.is_sharded:
                 (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(
                     {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
+            if not path.exists():
                 os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            else:  # move file by file, config.json last; other files in the directory are kept
+                new = {p.name for p in tmp.iterdir()}
+                for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                    os.replace(f, path / f.name)
+                for stale in path.glob("model*.safetensors*"):  # shards of an earlier save
+                    if stale.name not in new:
+                        stale.unlink()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,8 +10,8 @@ IMAGE_TOKEN = "<image>"
 #: Vicuna v1's conversation format as a Jinja chat template (LLaVA-1.5's default).
 VICUNA_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}{% set loop_messages = messages[1:] %}"
-    "{% else %}{{ 'A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human\\'s questions. ' }}"
+    "{% else %}{{ 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user\\'s questions. ' }}"
     "{% set loop_messages = messages %}{% endif %}"
     "{% for m in loop_messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
     "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"

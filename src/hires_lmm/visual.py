@@ -185,6 +185,8 @@ class SlimeVisual(VisualModule):
         self.selector_p = selector_p
         self.selector_variant = selector_variant
         self.local_grid = int(local_queries ** 0.5)
+        #: which views reach the LLM: "both", or "global"/"local" alone (training stages 1 and 2)
+        self.mode = "both"
 
     def forward(self, plans: Sequence[Plan], views: Sequence[Sequence[Tensor]], *, embed: nn.Embedding,
                 separator_ids: dict[str, int], text_embeds: Sequence[Tensor | None] | None = None,
@@ -194,7 +196,9 @@ class SlimeVisual(VisualModule):
         first = torch.tensor([sum(counts[:i]) for i in range(len(counts))], device=feats.device)
         is_local = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         is_local[first] = False
-        glob = self.mm_projector(feats[first])  # (B, 576, D)
+        if self.mode == "global":
+            return list(self.mm_projector(feats[first]))
+        glob = self.mm_projector(feats[first]) if self.mode == "both" else None  # (B, 576, D)
         local = self.mm_projector.projection(self.sampler(feats[is_local]))  # (ΣN, 144, D)
         comma = embed(torch.tensor([separator_ids[","]], device=embed.weight.device))
         g = self.local_grid
@@ -208,7 +212,7 @@ class SlimeVisual(VisualModule):
                 keep = text_guided_select(raster, text.to(raster.dtype), self.selector_p, training=self.training,
                                           variant=self.selector_variant)  # type: ignore[arg-type]
                 raster = raster[keep]
-            out.append(torch.cat([glob[i], comma.to(glob.dtype), raster]))
+            out.append(raster if glob is None else torch.cat([glob[i], comma.to(glob.dtype), raster]))
         return out
 
 
