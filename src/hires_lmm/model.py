@@ -201,20 +201,31 @@ class HiresLMM(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] = (), seed: int | None = None, chat: bool = False) -> list[str]:
+                 stop: Sequence[str] = (), seed: int | None = None, chat: bool = False,
+                 template: str | None = None) -> list[str]:
         """Decode a batch of prompts (each with its images) with left padding and a KV cache.
 
         ``temperature`` 0 is greedy; otherwise sampling with nucleus ``top_p``. Generation ends
         at the EOS token, at any of ``stop`` (excluded from the text) or after
-        ``max_new_tokens``. With ``chat=True`` prompts are wrapped in the tokenizer's chat template.
+        ``max_new_tokens``. ``template`` (e.g. "vicuna_v1", the one the model was trained with)
+        wraps each prompt as a user turn and adds the template's end-of-turn tokens to the stops;
+        ``chat=True`` uses the tokenizer's own chat template instead.
         """
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         tok = self.tokenizer
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 if chat else p for p in prompts]
-        ids = [torch.tensor(tok(t, add_special_tokens=True).input_ids, dtype=torch.long) for t in texts]
+        stop_ids = {tok.eos_token_id} - {None}
+        if template is not None:
+            from .data.templates import get_template
+
+            tpl = get_template(template)
+            ids = [torch.tensor(tpl.prompt(tok, p), dtype=torch.long) for p in prompts]
+            stop_ids |= set(tpl.stop_token_ids(tok))
+        else:
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     if chat else p for p in prompts]
+            ids = [torch.tensor(tok(t, add_special_tokens=True).input_ids, dtype=torch.long) for t in texts]
         prepared = [[im if isinstance(im, ImageInput) else self.prepare_image(im) for im in sample] for sample in images]
         batch = self.build_inputs(ids, prepared, padding_side="left")
         gen = torch.Generator(device="cpu")
@@ -225,7 +236,6 @@ class HiresLMM(nn.Module):
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1]
-        eos = tok.eos_token_id
         done = torch.zeros(B, dtype=torch.bool)
         generated: list[list[int]] = [[] for _ in range(B)]
         texts_out: list[str | None] = [None] * B  # set when a stop string ends a sequence
@@ -236,7 +246,7 @@ class HiresLMM(nn.Module):
                 if done[i]:
                     continue
                 t = int(nxt[i])
-                if eos is not None and t == eos:
+                if t in stop_ids:
                     done[i] = True
                     continue
                 generated[i].append(t)
