@@ -195,3 +195,16 @@ def test_user_output_is_not_overwritten(data, tmp_path):
     r = hires(*train_args(data, out, "llava-1.5", "--max-steps", "1"))
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_gradient_checkpointing_gives_the_same_training(data, tmp_path):
+    from hires_lmm.train import TrainConfig, train
+
+    def run(name: str, gc: bool) -> list[float]:
+        out = tmp_path / name
+        train(TrainConfig(method="llava-hr", tiny=True, data_path=str(data / "train.json"),
+                          image_folder=str(data / "images"), output_dir=str(out), max_steps=3, batch_size=2,
+                          gradient_checkpointing=gc, progress=False, save_steps=100))
+        return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert run("plain", False) == pytest.approx(run("gc", True), rel=1e-5)
