@@ -27,20 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
+from ..plan.uhd import POOLING_CANDIDATES, best_pooling_size  # pure geometry, shared with the cost model
 from .roi_align import roi_align_grid
 
 __all__ = [
     "get_2d_sincos_pos_embed",
     "get_abs_pos",
     "region_boxes",
+    "POOLING_CANDIDATES",
     "best_pooling_size",
     "SpatialResampler",
     "PerceiverResampler",
 ]
-
-#: candidate pooled shapes (w, h) of one region, in the reference's order (first best wins)
-POOLING_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
-
 
 # --------------------------------------------------------------------------------------------
 # positions
@@ -108,21 +106,6 @@ def region_boxes(height: int, width: int, num_windows: int = 144) -> Tensor:
             x1, y1 = j * crop_w, i * crop_h
             coords.append([x1, y1, x1 + crop_w, y1 + crop_h])
     return torch.tensor(coords, dtype=torch.float32)
-
-
-def best_pooling_size(wh_ratio: float) -> tuple[int, int]:
-    """Pooled shape ``(h, w)`` of a region for a map with aspect ratio ``wh_ratio = W/H``.
-
-    ``cal_best_pooling_size``: the candidate (w, h) minimising |log(W/H) − log(w/h)|, strict ``<``
-    so the first minimum wins (square maps → 3×3), returned as (h, w) for RoIAlign.
-    """
-    log_ratio = math.log(wh_ratio)
-    best, min_err = (3, 3), float("inf")
-    for w, h in POOLING_CANDIDATES:
-        err = abs(log_ratio - math.log(w / h))
-        if err < min_err:
-            best, min_err = (h, w), err
-    return best
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from .types import Plan, View
+from .uhd import best_pooling_size
 
 #: (params, hidden size) of common LLM sizes; the hidden size of an unknown LLM is taken from the
 #: nearest entry (log scale) unless given.
@@ -144,18 +145,6 @@ def _view_patches(v: View, patch: int) -> int:
     return (v.size[0] // patch) * (v.size[1] // patch)
 
 
-def uhd_pool_size(grid_w: int, grid_h: int) -> tuple[int, int]:
-    """LLaVA-UHD v1 resampler: per-region pooled shape (h, w) from the feature aspect ratio."""
-    cands = [(4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4)]  # (w, h)
-    log_r = math.log(grid_w / grid_h)
-    best, err = (3, 3), float("inf")
-    for w, h in cands:
-        e = abs(log_r - math.log(w / h))
-        if e < err:
-            best, err = (h, w), e
-    return best
-
-
 def plan_cost(plan: Plan, *, llm_params: float = 7e9, llm_hidden: int | None = None,
               vit: ViTShape = ViTShape(), convnext: ConvNeXtShape = ConvNeXtShape()) -> CostReport:
     """Visual tokens and FLOPs per image for ``plan``'s method (see the module docstring)."""
@@ -179,7 +168,7 @@ def plan_cost(plan: Plan, *, llm_params: float = 7e9, llm_hidden: int | None = N
         q = plan.extra["queries_per_part"]
         for v in plan.views:
             gw, gh = v.size[0] // p, v.size[1] // p
-            ph, pw = uhd_pool_size(gw, gh)
+            ph, pw = best_pooling_size(gw / gh)
             keys = q * ph * pw  # each query attends only to its region's pooled keys
             parts["resampler kv_proj"] = parts.get("resampler kv_proj", 0) + dense(gw * gh, d, D)
             parts["resampler attention"] = parts.get("resampler attention", 0) + (

@@ -119,3 +119,22 @@ def plan_llava_uhd(size: Size, *, arxiv: bool = False, max_slices: int | None = 
                 separators=tuple(seps), num_visual_tokens=queries * (n_slices + 1) + n_slices,
                 tokens=tuple(tokens), patch_size=patch, prescale=src if src != size else None,
                 extra={"queries_per_part": queries, "max_slices": max_slices})
+
+
+#: LLaVA-UHD v1 resampler: candidate pooled shapes (w, h) of one region, in the reference's order
+POOLING_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
+
+
+def best_pooling_size(wh_ratio: float) -> tuple[int, int]:
+    """Pooled shape ``(h, w)`` of a region for a map with aspect ratio ``wh_ratio = W/H``.
+
+    ``cal_best_pooling_size``: the candidate (w, h) minimising |log(W/H) − log(w/h)|, strict ``<``
+    so the first minimum wins (square maps → 3×3), returned as (h, w) for RoIAlign.
+    """
+    log_ratio = math.log(wh_ratio)
+    best, min_err = (3, 3), float("inf")
+    for w, h in POOLING_CANDIDATES:
+        err = abs(log_ratio - math.log(w / h))
+        if err < min_err:
+            best, min_err = (h, w), err
+    return best
