@@ -15,6 +15,11 @@ from pathlib import Path
 from .plan import METHODS, Plan, parse_size, plan_image
 
 
+#: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
+#: raising :class:`CLIError` prints a clean error with exit status 2)
+EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli")
+
+
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
@@ -285,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--tasks", help="comma-separated: color, shape, count, digit")
     sy.add_argument("--workers", type=int, default=1)
     sy.set_defaults(func=cmd_data_synth)
+
+    # subcommands of other packages: each module's register(subparsers) adds its own
+    import importlib
+
+    for name in EXTENSIONS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        mod.register(sub)
 
     d = sub.add_parser("demo", help="the main job: plans of a bundled image for every method, with pictures")
     d.add_argument("--out", default="out/demo")
