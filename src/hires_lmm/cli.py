@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:
+            if e.name is None or not name.startswith(e.name):  # a missing dependency, not the module
                 raise
             continue
         mod.register(sub)
