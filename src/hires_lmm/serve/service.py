@@ -1,0 +1,188 @@
+"""What the server knows about its model: the configuration (limits), the chat template, and
+turning a validated request into the engine's input (prompt ids with ``<image>`` placeholders,
+images loaded, planned and rendered, lengths checked).
+
+Prompt format. ``chat_template="auto"`` uses the tokenizer's own chat template when it has one
+(the model's own format), else ``vicuna_v1`` (LLaVA-1.5's ``SYSTEM USER: ... ASSISTANT:``); any
+name of :func:`hires_lmm.data.templates.get_template` can be forced. A user message's parts
+become one text, joined with "\\n", where each image part is one ``<image>`` placeholder in the
+order of the parts (so ``[image, text]`` is LLaVA's ``"<image>\\n<text>"``); consecutive
+messages of one role are joined with "\\n"; a system (or developer) message may only come first
+(the template's default system prompt is used when there is none). The conversation must end with
+a user message. The placeholders are replaced by the image's visual tokens in
+:meth:`HiresLMM.build_inputs`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.templates import ChatTemplate, TemplateError, encode_segments, get_template
+from ..model import HiresLMM
+from ..plan import METHODS, plan_image
+from ..text import IMAGE_TOKEN
+from .config import ServeConfig
+from .engine import GenRequest, SamplingParams
+from .errors import APIError, bad_request
+from .media import checked_size, load_checked, resolve_image_url
+from .protocol import ChatRequest, PlanRequest
+
+
+def resolve_template(model: HiresLMM, name: str) -> ChatTemplate:
+    tok = model.tokenizer
+    if name == "auto":
+        name = "tokenizer" if getattr(tok, "chat_template", None) else "vicuna_v1"
+    tpl = get_template(name)  # ValueError for an unknown name
+    missing = tpl.missing_special_tokens(tok)
+    if missing:
+        raise ValueError(f"chat template {tpl.name!r} needs the special token(s) {missing}, which the model's "
+                         "tokenizer lacks; choose another --chat-template")
+    return tpl
+
+
+def _model_max_len(model: HiresLMM) -> int:
+    cfg = model.llm.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else 4096
+
+
+class Service:
+    """The model, its settings and request preparation (called on the preparation threads)."""
+
+    def __init__(self, model: HiresLMM, config: ServeConfig) -> None:
+        self.model = model
+        self.config = config
+        self.template = resolve_template(model, config.chat_template)
+        self.max_model_len = config.max_model_len or _model_max_len(model)
+        tok = model.tokenizer
+        self.stop_token_ids = sorted({tok.eos_token_id, *self.template.stop_token_ids(tok)} - {None})
+        self.created = int(time.time())
+        self.tokenizer_lock = threading.Lock()  # shared with the engine, which decodes
+        if config.allowed_local_media_path is not None and not Path(config.allowed_local_media_path).is_dir():
+            raise ValueError(f"--allowed-local-media-path {config.allowed_local_media_path}: not a directory")
+
+    # --- prompts ----------------------------------------------------------------------------------
+    def conversation(self, req: ChatRequest) -> list[dict[str, str]]:
+        """The request's messages as a LLaVA conversation (``from``/``value``), images as ``<image>``."""
+        turns: list[dict[str, str]] = []
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        for i, m in enumerate(req.messages):
+            text = "\n".join(IMAGE_TOKEN if p[0] == "image" else p[1] for p in m.parts)
+            role = names[m.role]
+            if role == "system" and any(t["from"] != "system" for t in turns):
+                raise bad_request(f"messages[{i}]: a system message may only come before the conversation",
+                                  param=f"messages[{i}].role", code="invalid_value")
+            if turns and turns[-1]["from"] == role:
+                turns[-1]["value"] += "\n" + text
+            else:
+                turns.append({"from": role, "value": text})
+        if turns[-1]["from"] != "human":
+            raise bad_request("the last message must be a user message (the server writes the assistant's reply)",
+                              param="messages", code="invalid_value")
+        if turns[0]["from"] == "gpt" or (turns[0]["from"] == "system" and len(turns) > 1 and turns[1]["from"] == "gpt"):
+            raise bad_request("the conversation must start with a user message (after an optional system message)",
+                              param="messages", code="invalid_value")
+        return turns
+
+    def prompt_ids(self, conv: list[dict[str, str]]) -> list[int]:
+        """Ids of the conversation rendered by the template up to where the assistant's reply starts:
+        the conversation is rendered with a placeholder reply, and everything before the reply's
+        (trained-on) segments is kept. For one user turn this equals ``template.prompt(question)``."""
+        tok = self.model.tokenizer
+        with self.tokenizer_lock:
+            try:
+                segs = self.template.segments(tok, conv + [{"from": "gpt", "value": "x"}])
+            except TemplateError as e:
+                raise bad_request(f"the messages do not fit the chat template {self.template.name!r}: {e}",
+                                  param="messages", code="invalid_value") from None
+            labelled = [i for i, s in enumerate(segs) if s.labelled]
+            if not labelled:
+                raise APIError(500, f"chat template {self.template.name!r} marks no reply", type="server_error")
+            k = labelled[-1]
+            while k > 0 and segs[k - 1].labelled:
+                k -= 1
+            return encode_segments(tok, segs[:k]).input_ids
+
+    # --- requests -----------------------------------------------------------------------------------
+    def prepare_chat(self, req: ChatRequest) -> GenRequest:
+        """Prompt ids, images (sizes and limits first, then decoded and rendered) and lengths."""
+        cfg = self.config
+        if len(req.images) > cfg.max_images_per_request:
+            raise bad_request(f"the request has {len(req.images)} images; at most {cfg.max_images_per_request} are "
+                              "allowed per request", param="messages", code="too_many_images")
+        ids = self.prompt_ids(self.conversation(req))
+        n_placeholders = sum(1 for t in ids if t == self.model.image_token_id)
+        if n_placeholders != len(req.images):
+            raise bad_request(f"chat template {self.template.name!r} kept {n_placeholders} of the "
+                              f"{len(req.images)} image placeholder(s)", param="messages", code="invalid_value")
+        text_tokens = len(ids) - n_placeholders
+        if text_tokens >= self.max_model_len:
+            raise self._too_long(text_tokens, 0, req.max_tokens)
+        sources = [(resolve_image_url(url, param, cfg.allowed_local_media_path), param) for url, param in req.images]
+        plans = [self.model.plan(checked_size(src, param, cfg.max_image_pixels)) for src, param in sources]
+        visual = sum(p.num_visual_tokens for p in plans)
+        prompt = text_tokens + visual
+        if prompt >= self.max_model_len or (req.max_tokens is not None and prompt + req.max_tokens > self.max_model_len):
+            raise self._too_long(text_tokens, visual, req.max_tokens)
+        images = []
+        for (src, param), plan in zip(sources, plans):
+            img = load_checked(src, param, cfg.max_image_pixels)
+            images.append(self.model.prepare_image(img))
+        left = self.max_model_len - prompt
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(left, cfg.default_max_tokens or left)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                stop=req.stop, seed=req.seed)
+        return GenRequest(input_ids=ids, images=images, params=params, prompt_tokens_est=prompt,
+                          id=f"chatcmpl-{uuid.uuid4().hex}")
+
+    def _too_long(self, text: int, visual: int, max_tokens: int | None) -> APIError:
+        ask = f" + {max_tokens} completion tokens (max_tokens)" if max_tokens is not None else ""
+        return bad_request(
+            f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+            f"{text + visual} prompt tokens ({text} text + {visual} visual tokens from its image plans){ask}; "
+            "shorten the messages, send fewer or smaller images, or lower max_tokens",
+            param="messages", code="context_length_exceeded")
+
+    def prepare_plan(self, req: PlanRequest) -> dict[str, Any]:
+        """The plan JSON of the image (the model's method unless another is asked), and the overlay
+        picture of :func:`hires_lmm.image.overlay.draw_plan` as a PNG data URL."""
+        cfg = self.config
+        src = resolve_image_url(req.image, "image", cfg.allowed_local_media_path)
+        size = checked_size(src, "image", cfg.max_image_pixels)
+        method = req.method or self.model.config.method
+        options = self.model.config.plan_options if method == self.model.config.method else {}
+        plan = plan_image(method, size, **options)
+        out: dict[str, Any] = {"object": "plan", "method": method, "model_method": self.model.config.method,
+                               "plan": plan.to_json()}
+        if req.overlay:
+            from ..image.overlay import draw_plan
+
+            img = load_checked(src, "image", cfg.max_image_pixels)
+            with torch.inference_mode():
+                pic = draw_plan(img, plan, width=req.overlay_width)
+            buf = io.BytesIO()
+            pic.save(buf, format="PNG", optimize=False)
+            out["overlay"] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            out["overlay_size"] = list(pic.size)
+        return out
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.config.served_model_name, "object": "model", "created": self.created,
+                "owned_by": "hires-lmm", "method": self.model.config.method, "max_model_len": self.max_model_len,
+                "chat_template": self.template.name}
+
+
+def default_served_name(model_dir: str | os.PathLike) -> str:
+    return Path(model_dir).resolve().name
+
+
+__all__ = ["METHODS", "ServeConfig", "Service", "default_served_name", "resolve_template"]
