@@ -100,6 +100,8 @@ class HiresLMM(nn.Module):
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             self.llm.resize_token_embeddings(len(tokenizer))
         self.separator_ids = {s: separator_id(tokenizer, s) for s in (",", "\n")}
+        # a converted checkpoint records the ids its reference code used (e.g. SliME's tokenizer(',')[-1])
+        self.separator_ids.update({k: int(v) for k, v in config.connector.get("separator_ids", {}).items()})
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
