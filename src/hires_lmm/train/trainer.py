@@ -16,6 +16,7 @@ Runs on one CPU for a smoke run or on many GPUs under ``torchrun`` / ``accelerat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -165,26 +166,6 @@ class _StopFlag:
             signal.signal(sig, h)
 
 
-class _MicroBatches(torch.utils.data.Dataset):
-    """Wraps the dataset so a DataLoader worker loads, plans and renders whole micro-batches."""
-
-    def __init__(self, dataset: Any, method: str, plan_options: dict[str, Any]) -> None:
-        self.dataset, self.method, self.plan_options = dataset, method, dict(plan_options)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.dataset[i]
-        item["prepared"] = [prepare_image(p, self.method, self.plan_options) for p in item["images"]]
-        return item
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"ids": [it["id"] for it in items], "input_ids": [it["input_ids"] for it in items],
-            "labels": [it["labels"] for it in items], "images": [it["prepared"] for it in items]}
-
-
 class _ListSampler(torch.utils.data.Sampler):
     def __init__(self, batches: list[list[int]]) -> None:
         self.batches = batches
@@ -210,7 +191,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
-    from ..data.dataset import LlavaDataset
+    from ..data.dataset import LlavaDataset, collate
     from ..data.records import load_records, validate
     from ..data.templates import get_template
 
@@ -248,8 +229,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"skipping {skipped} bad record(s) (--skip-bad); first: {report.problems[0]}")
     if not records:
         raise TrainingError("no usable records to train on")
+    # images are loaded, planned and rendered in the DataLoader (workers when --num-workers > 0)
+    prepare = functools.partial(prepare_image, method=cfg.method, plan_options=dict(model.config.plan_options))
     dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                           method=cfg.method, plan_options=model.config.plan_options, lengths=report.lengths)
+                           model_prepare=prepare, method=cfg.method, plan_options=model.config.plan_options,
+                           lengths=report.lengths)
     plan = GlobalBatches(dataset.lengths(), cfg.batch_size, world=accelerator.num_processes,
                          rank=accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
                          group_by_length=cfg.group_by_length)
@@ -282,13 +266,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.method} stage {stage.name}", unit="step")
-    wrapped = _MicroBatches(dataset, cfg.method, model.config.plan_options)
     last_loss: float | None = None
     stopped_by: str | None = None
     with _StopFlag() as stop:
         while state["step"] < total:
             micro = list(plan.micro_batches(state["epoch"], state["batch_in_epoch"]))
-            loader = torch.utils.data.DataLoader(wrapped, batch_sampler=_ListSampler(micro), collate_fn=_collate,
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=_ListSampler(micro), collate_fn=collate,
                                                  num_workers=cfg.num_workers)
             it = iter(loader)
             while state["step"] < total and state["batch_in_epoch"] < steps_per_epoch:
@@ -297,7 +280,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 for _ in range(cfg.grad_accum):
                     batch = next(it)
                     with accelerator.accumulate(ddp_model):
-                        o = ddp_model(batch["input_ids"], batch["images"], batch["labels"])
+                        o = ddp_model(batch["input_ids"], batch["image_inputs"], batch["labels"])
                         accelerator.backward(o.loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
