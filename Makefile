@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch, installed before anything else can pull a CUDA build
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-quick test clean
+.PHONY: install demo demo-quick test bench clean
 
 $(BIN)/hires: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo-quick: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# measures this machine and writes docs/performance.md (a few minutes; see hires bench --help)
+bench: install
+	$(BIN)/hires bench --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

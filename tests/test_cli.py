@@ -109,8 +109,8 @@ def test_console_script_runs():
     assert json.loads(out)["grid"] == [2, 2]
 
 
-def test_demo_quick(tmp_path, capsys):
-    code, out, _ = run(capsys, "demo", "--out", str(tmp_path), "--quick")
+def test_demo_tour(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--tour", "--out", str(tmp_path), "--quick")
     assert code == 0
     assert (tmp_path / "plan-llava-uhd.png").exists() and (tmp_path / "plans.json").exists()
     assert len(json.loads((tmp_path / "plans.json").read_text())) == len(METHODS)

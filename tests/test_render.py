@@ -149,3 +149,89 @@ def test_inf_eval_path_upsamples_the_336_tensor():
     assert p.views[0].box == pytest.approx(plan_image("inf-llava", img.size).views[0].box)
     with pytest.raises(ValueError, match="path"):
         plan_image("inf-llava", img.size, path="test")
+
+
+# ----------------------------------------------------------------------------- load_and_render
+def photo_file(tmp_path, size, fmt="JPEG", seed=11, exif_orientation=None):
+    """A photo-like file (smooth content, shapes, noise) of ``size``."""
+    from hires_lmm.bench.preprocess import synth_photo
+
+    img = synth_photo(size, seed)
+    path = tmp_path / f"photo-{size[0]}x{size[1]}.{'jpg' if fmt == 'JPEG' else 'png'}"
+    kw = {"quality": 90} if fmt == "JPEG" else {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kw["exif"] = exif.tobytes()
+    img.save(path, fmt, **kw)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_load_and_render_fast_is_close_and_exact_is_identical(tmp_path, fmt):
+    from hires_lmm.image import load_image
+    from hires_lmm.image.render import load_and_render
+    from hires_lmm.plan import METHODS
+
+    path = photo_file(tmp_path, (2400, 1600), fmt)
+    full = load_image(path)
+    for m in METHODS:
+        ref = render(full, plan_image(m, full.size))
+        plan, views = load_and_render(path, m)
+        assert plan == plan_image(m, (2400, 1600))
+        assert [tuple(t.shape) for t in views] == [tuple(t.shape) for t in ref]
+        diff = torch.cat([(a - b).abs().flatten() for a, b in zip(views, ref)])
+        assert diff.max() < 0.2 and diff.mean() < 0.005, m  # a few grey levels at edges, ~0 on average
+        if m in ("llava-1.5", "llava-next"):  # (the exact path is render(load_image(...)) for every method)
+            _, exact = load_and_render(path, m, fast=False)
+            assert all(torch.equal(a, b) for a, b in zip(exact, ref))
+
+
+def test_load_and_render_reduces_the_decode_of_large_jpegs(tmp_path, monkeypatch):
+    from hires_lmm.image import render as render_mod
+    from hires_lmm.image.render import load_and_render
+
+    seen = []
+    real = render_mod._render
+    monkeypatch.setattr(render_mod, "_render", lambda img, plan, box=None: seen.append(img.size) or real(img, plan, box))
+    path = photo_file(tmp_path, (2688, 2016))
+    plan, views = load_and_render(path, "llava-next")  # largest canvas 672x504: decoded at 1/2
+    assert seen == [(1344, 1008)] and len(views) == 5
+    seen.clear()
+    load_and_render(path, "llava-uhd")  # slices need the full resolution: nothing reduced
+    assert seen == [(2688, 2016)]
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_load_and_render_exif_orientation_odd_sizes(tmp_path, orientation):
+    """Odd sizes: the reduced decode's last pixel covers the image in part, at the start of an axis
+    the orientation reverses; LLaVA-1.5's padding follows it."""
+    from hires_lmm.image import load_image
+    from hires_lmm.image.render import load_and_render
+
+    path = photo_file(tmp_path, (2403, 1601), exif_orientation=orientation)
+    full = load_image(path)
+    assert full.size == ((1601, 2403) if orientation in (6, 8) else (2403, 1601))
+    plan, views = load_and_render(path, "llava-1.5")
+    assert plan.image_size == full.size
+    (ref,) = render(full, plan_image("llava-1.5", full.size))
+    assert float((views[0] - ref).abs().max()) < 0.1
+
+
+def test_load_and_render_pixel_limit_and_sources(tmp_path):
+    import base64
+
+    from hires_lmm.image import ImageTooLargeError, load_image
+    from hires_lmm.image.render import load_and_render
+
+    path = photo_file(tmp_path, (2400, 1800), exif_orientation=6)  # stored landscape, shown portrait
+    with pytest.raises(ImageTooLargeError):
+        load_and_render(path, "llava-next", max_pixels=1000 * 1000)  # checked before the reduced decode
+    full = load_image(path)
+    _, from_file = load_and_render(path, "llava-1.5")
+    _, from_pil = load_and_render(full, "llava-1.5")
+    _, from_bytes = load_and_render(path.read_bytes(), "llava-1.5")
+    url = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+    _, from_url = load_and_render(url, "llava-1.5")
+    assert torch.equal(from_file[0], from_bytes[0]) and torch.equal(from_file[0], from_url[0])
+    assert float((from_pil[0] - from_file[0]).abs().max()) < 0.2  # reduced by PIL, not by libjpeg

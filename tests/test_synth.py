@@ -292,7 +292,7 @@ def test_answers_export():
     assert set(synth.ANSWERS) == set(synth.TASKS) == set(synth.QUESTIONS)
     assert synth.ANSWERS["count"] == ["1", "2", "3", "4", "5"]
     assert synth.ANSWERS["digit"] == [str(i) for i in range(10)]
-    assert len(synth.ANSWERS["color"]) == 6 and len(synth.ANSWERS["shape"]) == 4
+    assert len(synth.ANSWERS["color"]) == 7 and len(synth.ANSWERS["shape"]) == 4
     signs = [np.array(synth._COLOR_SIGNS[c]) for c in synth.ANSWERS["color"]]
     for i in range(len(signs)):                                   # no colour is another's complement
         for j in range(len(signs)):

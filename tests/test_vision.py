@@ -274,6 +274,72 @@ def test_encode_views_batches_per_size(vit: ViT) -> None:
             torch.testing.assert_close(f, vit(v[None])[0], rtol=0, atol=1e-5)
 
 
+UHD_LIKE_SIZES = [(322, 336), (336, 336), (322, 336), (14, 476), (336, 322), (252, 448), (476, 238), (336, 336)]
+
+
+@pytest.mark.parametrize("drop_cls", [True, False])
+@pytest.mark.parametrize("max_tokens", [None, 600, 10_000])
+def test_encode_views_packed_matches_per_view(vit: ViT, drop_cls: bool, max_tokens: int | None) -> None:
+    """Packed encoding (one token sequence, block-diagonal attention, chunked) = one call per view."""
+    randomize_(vit)
+    vit.drop_cls = drop_cls
+    vit.pack_max_tokens = max_tokens
+    views = [torch.randn(3, h, w) for h, w in UHD_LIKE_SIZES]
+    assert vit.packable()
+    with torch.no_grad():
+        packed = vit.encode_views(views, packed=True)
+        default = vit.encode_views(views)  # several sizes: packs
+        for v, f, g, (h, w) in zip(views, packed, default, UHD_LIKE_SIZES):
+            assert f.shape == ((h // 14) * (w // 14) + (0 if drop_cls else 1), D)
+            torch.testing.assert_close(f, vit(v[None])[0], rtol=0, atol=1e-5)
+            assert torch.equal(f, g)
+        for select_layer in (0, 1, -1):
+            for v, f in zip(views, vit.encode_views(views, select_layer=select_layer, packed=True)):
+                torch.testing.assert_close(f, vit(v[None], select_layer=select_layer)[0], rtol=0, atol=1e-5)
+
+
+def test_encode_views_packed_siglip() -> None:
+    torch.manual_seed(0)
+    v = ViT.from_config(siglip_config()).eval()
+    views = [torch.randn(3, h, w) for h, w in [(224, 224), (196, 252), (140, 350), (196, 252)]]
+    with torch.no_grad():
+        for x, f in zip(views, v.encode_views(views, packed=True)):
+            torch.testing.assert_close(f, v(x[None])[0], rtol=0, atol=1e-5)
+
+
+def test_encode_views_packed_same_grads(vit: ViT) -> None:
+    randomize_(vit)
+    vit.train()
+    views = [torch.randn(3, h, w) for h, w in UHD_LIKE_SIZES[:5]]
+    grads = []
+    for packed, ckpt in ((False, False), (True, False), (True, True)):
+        vit.zero_grad(set_to_none=True)
+        vit.gradient_checkpointing = ckpt
+        vit.pack_max_tokens = 700 if ckpt else None
+        sum(f.square().sum() for f in vit.encode_views(views, packed=packed)).backward()
+        grads.append({n: q.grad.clone() for n, q in vit.named_parameters() if q.grad is not None})
+    for g in grads[1:]:
+        assert g.keys() == grads[0].keys()
+        for n in g:
+            torch.testing.assert_close(g[n], grads[0][n], rtol=1e-3, atol=1e-4)
+
+
+def test_encode_views_packed_falls_back_with_hooks(vit: ViT) -> None:
+    views = [torch.randn(3, h, w) for h, w in UHD_LIKE_SIZES[:4]]
+    calls: list[tuple[int, ...]] = []
+    hook = vit.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    try:
+        assert not vit.packable()
+        with torch.no_grad():
+            vit.encode_views(views)  # a hook on forward sees the grouped calls
+        with pytest.raises(ValueError, match="cannot be packed"):
+            vit.encode_views(views, packed=True)
+    finally:
+        hook.remove()
+    assert sorted(c[0] for c in calls) == [1, 1, 2]
+    assert vit.packable() and vit.encode_views([]) == []
+
+
 # ----------------------------------------------------------------------------- loading
 def test_from_pretrained_vision_dir(tmp_path, vit: ViT) -> None:
     vit.vision_tower.save_pretrained(tmp_path / "clip")

@@ -1,7 +1,7 @@
 """The ``hires`` command line.
 
 Subcommands: ``plan`` (how a method looks at an image), ``cost`` (visual tokens and TFLOPs per
-image), ``demo`` (the main job until training lands: plans of a bundled image for every method).
+image), ``demo`` (the main job: every method trained and compared on the synthetic task).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=method, data_path=args.data_path, image_folder=args.image_folder, output_dir=args.output_dir,
         stage=args.stage, tiny=args.tiny, vision=args.vision, llm=args.llm, convnext=args.convnext, init=args.init,
         template=args.template, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+        grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         max_length=args.max_length, seed=args.seed, save_steps=args.save_steps, keep_last=args.keep_last,
         resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
         group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
@@ -202,17 +202,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from .data.synth import generate
 
-    info = generate(Path(args.out), args.n, seed=args.seed, test_fraction=args.test_fraction,
-                    tasks=tuple(args.tasks.split(",")) if args.tasks else ("color", "shape", "count", "digit"),
-                    workers=args.workers)
+    try:
+        info = generate(Path(args.out), args.n, seed=args.seed, test_fraction=args.test_fraction,
+                        tasks=tuple(args.tasks.split(",")) if args.tasks else ("color", "shape", "count", "digit"),
+                        sizes=_sizes(args.size) if args.size else None, target_scale=args.target_scale,
+                        workers=args.workers)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     print(json.dumps({k: v for k, v in info.items() if k in ("counts", "out_dir", "seed")} or info, default=str))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import QUICK, DemoConfig, run_demo, run_tour
+    from .demo.run import with_overrides
 
-    run_demo(Path(args.out), quick=args.quick)
+    if args.tour:
+        run_tour(Path(args.out), quick=args.quick)
+        return 0
+    cfg = with_overrides(QUICK if args.quick else DemoConfig(), steps=args.steps, n=args.n, lr=args.lr,
+                         seed=args.seed, methods=tuple(_methods(args.methods)) if args.methods else None)
+    run_demo(Path(args.out), config=cfg, fresh=args.fresh, progress=not args.no_progress)
     return 0
 
 
@@ -250,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method's stage on LLaVA-format data")
     t.add_argument("--method", "-m", required=True)
-    t.add_argument("--stage", default="scratch", help="the paper's stage (1, 2; SliME 1a, 1b, 2, 3) or 'scratch'")
+    t.add_argument("--stage", default="scratch", help="the paper's stage (1, 2; SliME 1a, 1b, 2, 3), 'scratch' (all parts train) "
+                   "or 'frozen-encoders' (all but the vision encoders)")
     t.add_argument("--tiny", action="store_true")
     t.add_argument("--vision")
     t.add_argument("--llm")
@@ -266,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--lr", type=float, help="one learning rate for every trained group (default: the paper's)")
     t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="after the linear warmup: cosine decay to 0 (LLaVA's) or constant")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-length", type=int, default=4096)
     t.add_argument("--seed", type=int, default=0)
@@ -288,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--test-fraction", type=float, default=0.2)
     sy.add_argument("--tasks", help="comma-separated: color, shape, count, digit")
+    sy.add_argument("--size", action="append", metavar="WxH",
+                    help="canvas size (repeatable); the longer side must be 336·f, f >= 2 (default: f = 3..6)")
+    sy.add_argument("--target-scale", type=float, default=1.0, help="enlarge the targets (not their texture)")
     sy.add_argument("--workers", type=int, default=1)
     sy.set_defaults(func=cmd_data_synth)
 
@@ -303,9 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.register(sub)
 
-    d = sub.add_parser("demo", help="the main job: plans of a bundled image for every method, with pictures")
+    d = sub.add_parser("demo", help="the main job: train every method's tiny model on the synthetic fine-detail "
+                                    "task and compare them (table, figure, plan overlays)")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--quick", action="store_true")
+    d.add_argument("--quick", action="store_true", help="the 2-minute smoke version")
+    d.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages in --out")
+    d.add_argument("--steps", type=int, help="training steps per method")
+    d.add_argument("--n", type=int, help="images to generate")
+    d.add_argument("--lr", type=float, help="learning rate of every method")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--methods", help="comma-separated subset of the compared methods")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--tour", action="store_true", help="instead: every method's plan of a bundled image, with pictures")
     d.set_defaults(func=cmd_demo)
     return ap
 

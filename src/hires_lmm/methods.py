@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,43 +91,58 @@ def build_from_config(config: HiresConfig, tokenizer, llm=None, vit=None, convne
 
 def build_model(method: str, *, tiny: bool = False, vision: str | os.PathLike | None = None,
                 llm: str | os.PathLike | None = None, convnext: str | os.PathLike | None = None,
-                seed: int = 0, torch_dtype: torch.dtype | None = None, **connector: Any) -> HiresLMM:
+                seed: int = 0, torch_dtype: torch.dtype | None = None, words: Sequence[str] = (),
+                **connector: Any) -> HiresLMM:
     """Build ``method`` tiny (random weights, in memory) or from local Hugging Face directories.
 
     Args:
         method: one of :data:`hires_lmm.plan.METHODS`.
         tiny: the tiny preset; otherwise ``vision`` (a CLIP/SigLIP directory) and ``llm`` (any
             causal LM directory with its tokenizer) are required, plus ``convnext`` for LLaVA-HR.
+            With ``tiny``, ``vision`` / ``convnext`` directories replace the tiny random encoders
+            (the demo pretrains tiny encoders and gives them to every method).
         seed: seeds the random initialisation of every new part.
+        words: whole-word tokens of the tiny tokenizer (:func:`hires_lmm.text.build_byte_tokenizer`).
         connector: overrides of the connector hyper-parameters.
     """
     if method not in PRESETS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     torch.manual_seed(seed)
+    p = PRESETS[method]
     if tiny:
-        tok = build_byte_tokenizer()
-        return build_from_config(tiny_config(method, len(tok), **connector), tok).eval()
+        if llm is not None:
+            raise ValueError("a tiny model builds its own LLM; drop --llm or --tiny")
+        tok = build_byte_tokenizer(words)
+        config = tiny_config(method, len(tok), **connector)
+        vit, cnx = _load_encoders(config, vision, convnext if p.needs_convnext else None)
+        return build_from_config(config, tok, vit=vit, convnext=cnx).eval()
     if vision is None or llm is None:
         raise ValueError("a full-size model needs --vision DIR and --llm DIR (or use --tiny)")
-    p = PRESETS[method]
     if p.needs_convnext and convnext is None:
         raise ValueError(f"{method} needs --convnext DIR (its high-resolution pathway)")
-    from .vision.vit import ViT
-
-    vit = ViT.from_pretrained(vision)
     lm, tok = load_llm(llm, torch_dtype)
-    cnx = None
-    cnx_cfg = None
-    if p.needs_convnext:
-        from .vision.convnext import ConvNeXt
-
-        cnx = ConvNeXt.from_pretrained(convnext)
-        cnx_cfg = cnx.config.to_dict()
-    vision_cfg = copy.deepcopy(vit.vision_tower.config.to_dict())
-    config = HiresConfig(method=method, plan_options=dict(p.plan_options), vision_config=vision_cfg,
-                         convnext_config=cnx_cfg, connector={**p.connector, **connector},
+    config = HiresConfig(method=method, plan_options=dict(p.plan_options), vision_config={},
+                         convnext_config=None, connector={**p.connector, **connector},
                          text_config=lm.config.to_dict())
+    vit, cnx = _load_encoders(config, vision, convnext if p.needs_convnext else None)
     model = build_from_config(config, tok, llm=lm, vit=vit, convnext=cnx)
     if torch_dtype is not None:
         model.to(torch_dtype)
     return model.eval()
+
+
+def _load_encoders(config: HiresConfig, vision: str | os.PathLike | None,
+                   convnext: str | os.PathLike | None) -> tuple[Any, Any]:
+    """Load the encoders given as directories and record their configs in ``config``."""
+    vit = cnx = None
+    if vision is not None:
+        from .vision.vit import ViT
+
+        vit = ViT.from_pretrained(vision)
+        config.vision_config = copy.deepcopy(vit.vision_tower.config.to_dict())
+    if convnext is not None:
+        from .vision.convnext import ConvNeXt
+
+        cnx = ConvNeXt.from_pretrained(convnext)
+        config.convnext_config = cnx.config.to_dict()
+    return vit, cnx

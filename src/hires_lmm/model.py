@@ -195,7 +195,14 @@ class HiresLMM(nn.Module):
         Returns a :class:`HiresOutput` (loss, logits, past_key_values and the spliced batch).
         """
         batch = self.build_inputs(input_ids, images, labels)
-        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+        mask = batch.attention_mask
+        # training on right padding: a real token never attends to a later position, so the causal
+        # mask alone is exact for every real position (pad positions carry no labels); without the
+        # padding mask SDPA takes its is_causal kernel (about 2.5x faster on the CPU). Not done
+        # when no labels are given: a caller may continue decoding from the returned cache.
+        if labels is not None and bool((mask[:, :-1] >= mask[:, 1:]).all()):
+            mask = None
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
         return HiresOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, batch=batch)
 
@@ -339,7 +346,8 @@ class HiresLMM(nn.Module):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json; not a hires-lmm model directory")
         config = HiresConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # config= spares AutoTokenizer a second, generic read of config.json (which warns)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         model = build_from_config(config, tokenizer)
         if (path / WEIGHTS_INDEX_NAME).exists():
             files = sorted(set(json.loads((path / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))

@@ -3,6 +3,8 @@ and separator ids looked up from the tokenizer itself (never hard-coded ids)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
@@ -19,16 +21,40 @@ VICUNA_TEMPLATE = (
 )
 
 
-def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte → printable character table (what the ByteLevel pre-tokenizer emits)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_byte_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in memory: 256 byte tokens plus ``<s>``, ``</s>``, ``<pad>``,
     ``<unk>`` and ``<image>``. Every character is one or a few tokens, so "," and "\\n" are
-    single tokens; no download, deterministic ids."""
+    single tokens; no download, deterministic ids.
+
+    ``words``: whole words that become single tokens, alone and after a space (``"red"`` and
+    ``" red"``), as in any word-piece vocabulary; the text is then split into words first
+    (GPT-2's pre-tokenization) and a word in the vocabulary is one token, any other word its
+    bytes. A tiny language model trained from scratch then answers "red" with one token instead
+    of spelling it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    chars = _byte_chars()
+    for form in sorted({f for w in words for f in (w, " " + w)}):
+        vocab.setdefault("".join(chars[b] for b in form.encode("utf-8")), len(vocab))
+    # ignore_merges: a pre-tokenized word found in the vocabulary is taken whole (no merges needed)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(words))
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=[IMAGE_TOKEN])

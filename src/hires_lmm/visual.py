@@ -1,10 +1,10 @@
 """Visual modules: the rendered views of a batch of images → one LLM-space token sequence per image.
 
 One class per method composes the parts (:mod:`hires_lmm.vision`, :mod:`hires_lmm.connect`). Every
-module encodes the views of *all* images of a batch together — the ViT is called once per distinct
-view size (:meth:`ViT.encode_views`), the connectors once per group of equal shapes — so no Python
-loop over views touches the encoder. Per-image Python work is limited to slicing and concatenating
-already-computed tokens.
+module encodes the views of *all* images of a batch together — the ViT packs views of different
+sizes into one token sequence, or makes one call per distinct view size (:meth:`ViT.encode_views`),
+the connectors run once per group of equal shapes — so no Python loop over views touches the
+encoder. Per-image Python work is limited to slicing and concatenating already-computed tokens.
 
 Common signature::
 
@@ -68,7 +68,7 @@ class VisualModule(nn.Module):
         self.mm_projector = build_projector(projector, vit.hidden_size, d_llm)
 
     def encode(self, views: Sequence[Sequence[Tensor]]) -> list[Tensor]:
-        """Features (h·w, d) of every view of every image, in order (one ViT call per size)."""
+        """Features (h·w, d) of every view of every image, in order (packed, or one ViT call per size)."""
         return self.vit.encode_views(_flat(views))
 
 

@@ -11,7 +11,7 @@ sits on, its position and the canvas size) is independent of the answer, so gues
 
 Construction: why the 336 view cannot see it
 --------------------------------------------
-Every canvas's longer side is ``L = 336·f`` with an integer ``f`` (3-6), so the 336 view is a PIL
+Every canvas's longer side is ``L = 336·f`` with an integer ``f`` (2-6; 3-6 by default), so the 336 view is a PIL
 bicubic downscale by exactly ``f`` on both axes (the padding only shifts the grid). Output pixel
 ``i`` weighs source pixel ``j`` by ``K((j + ½ − c_i)/f)`` (normalised), ``c_i = (i + ½)·f``, where
 ``K`` is the Keys cubic with a = −½ (PIL's BICUBIC), which reproduces polynomials of degree ≤ 2:
@@ -29,8 +29,10 @@ it (balanced rows also keep PIL's rounding of its intermediate image from leavin
 answer-dependent residue); ``e`` is the answer's mask (square, circle, triangle, cross, 7-segment
 digit, dots) blurred with a Gaussian of σ = ½ 336-pixel, which keeps the third-order term ≲ 1
 grey level; ``s`` is (1, 1, 1) for shape/count/digit (a grey-level texture) and the colour's
-direction for ``color`` (the bands are plate + 120·s: red (248, 8, 8), orange, yellow, green,
-pink, white; no class is another's complement, whose bands would be the same texture shifted).
+direction for ``color`` (the bands are plate + 120·s: red (248, 128, 128) on a field of (8, 128, 128),
+green, blue, yellow, purple, cyan, white; each textures a different set of channels, so the
+per-channel texture energy tells them apart, and no class is another's complement, whose bands
+would be the same texture shifted).
 The product is rounded with a dither that is the same for every answer, so rounding adds unbiased
 noise rather than an answer-dependent offset. At 1008 px the tile is a texture of period 3 px and
 ±60-120 grey levels filling the shape; in the 336 view the plate looks empty.
@@ -59,7 +61,7 @@ import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ __all__ = ["ANSWERS", "CAPTIONS", "Example", "HIGHRES_MIN_RMS", "HIGH_SIDE", "LO
 
 #: the answer classes of each task, in a fixed order (evaluation compares answers with these)
 ANSWERS: dict[str, list[str]] = {
-    "color": ["red", "orange", "yellow", "green", "pink", "white"],
+    "color": ["red", "green", "blue", "yellow", "purple", "cyan", "white"],
     "shape": ["circle", "square", "triangle", "cross"],
     "count": ["1", "2", "3", "4", "5"],
     "digit": [str(d) for d in range(10)],
@@ -112,10 +114,12 @@ SIGMA_U = 0.5               #: envelope blur, in 336-pixels (units of f source p
 PLATE_MARGIN_U = 3          #: plate beyond the target's box (the blurred envelope needs < 2)
 CHECK_MARGIN_U = 3          #: check window beyond the plate (the bicubic support is 2)
 
-#: each colour's direction from the plate's grey (the bands are plate + 120·s): no two are
-#: opposite, so no class is another's complement (whose texture would be the same bands shifted)
-_COLOR_SIGNS = {"red": (1, -1, -1), "orange": (1, 0, -1), "yellow": (1, 1, -1), "green": (-1, 1, -1),
-                "pink": (1, -1, 0), "white": (1, 1, 1)}
+#: each colour's direction from the plate's grey (the bands are plate + 120·s): every colour
+#: textures a different set of channels, in phase, so the per-channel texture energy alone tells
+#: the classes apart (no channel correlations to learn), and no class is another's complement
+#: (whose texture would be the same bands shifted)
+_COLOR_SIGNS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
+                "purple": (1, 0, 1), "cyan": (0, 1, 1), "white": (1, 1, 1)}
 
 # 7-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
 # f (top left), g (middle)
@@ -136,11 +140,15 @@ class Example:
         index: position in the dataset (with ``seed``, the example's random stream).
         task, answer, split: ``split`` is ``"train"`` or ``"test"``.
         size: ``(w, h)`` of the image; its longer side is ``336·f``.
-        f: source pixels per 336-view pixel (3..6).
+        f: source pixels per 336-view pixel (2..6).
         plate: ``(x0, y0, x1, y1)`` of the grey plate, outline included (exclusive ends).
         box: ``(x0, y0, x1, y1)`` of the target's extent (its mask before blurring).
         dots: for ``count``: the five dot centres relative to ``box`` (the first ``answer`` are
             drawn), else empty.
+        scale: the target's size (and its strokes and dots) relative to the default; the
+            texture's period stays ``f``.
+        distractors: draw the coarse texture patches and large shapes around the plate (else
+            only the smooth background field).
     """
 
     id: str
@@ -154,6 +162,8 @@ class Example:
     plate: tuple[int, int, int, int]
     box: tuple[int, int, int, int]
     dots: tuple[tuple[int, int], ...] = ()
+    scale: float = 1.0
+    distractors: bool = True
 
     @property
     def file(self) -> str:
@@ -170,32 +180,34 @@ class Example:
 
 def _scale(size: tuple[int, int]) -> int:
     L = max(size)
-    if L % LOW_SIDE or L // LOW_SIDE < 3:
-        raise ValueError(f"image size {size}: the longer side must be 336·f with an integer f >= 3 "
+    if L % LOW_SIDE or L // LOW_SIDE < 2:
+        raise ValueError(f"image size {size}: the longer side must be 336·f with an integer f >= 2 "
                          "(so the 336 view is an exact integer downscale)")
     return L // LOW_SIDE
 
 
-def _target_extent(task: str, f: int) -> tuple[int, int]:
-    """(w, h) of the target's box in source pixels."""
+def _target_extent(task: str, f: int, scale: float = 1.0) -> tuple[int, int]:
+    """(w, h) of the target's box in source pixels (``scale`` enlarges the target, not its texture)."""
+    u = f * scale
     if task == "color":
-        return 8 * f, 8 * f
+        return round(8 * u), round(8 * u)
     if task == "shape":
-        return 9 * f, 9 * f
+        return round(9 * u), round(9 * u)
     if task == "count":
-        s = round(13.5 * f)
+        s = round(13.5 * u)
         return s, s
     if task == "digit":
-        return 7 * f, 11 * f
+        return round(7 * u), round(11 * u)
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-def _check_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+def _check_sizes(sizes: Sequence[tuple[int, int]], scale: float = 1.0,
+                 tasks: Sequence[str] = TASKS) -> tuple[tuple[int, int], ...]:
     out = []
     for s in sizes:
         w, h = (int(v) for v in s)
         f = _scale((w, h))
-        need = 2 * (max(max(_target_extent(t, f)) for t in TASKS) + 2 * (PLATE_MARGIN_U + CHECK_MARGIN_U + 2) * f)
+        need = 2 * (max(max(_target_extent(t, f, scale)) for t in tasks) + 2 * (PLATE_MARGIN_U + CHECK_MARGIN_U + 2) * f)
         if min(w, h) < need:
             raise ValueError(f"image size {(w, h)}: the shorter side must be at least {need} px")
         out.append((w, h))
@@ -204,11 +216,12 @@ def _check_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...
     return tuple(out)
 
 
-def _example(seed: int, index: int, task: str, answer: str, split: str, size: tuple[int, int]) -> Example:
+def _example(seed: int, index: int, task: str, answer: str, split: str, size: tuple[int, int],
+             scale: float = 1.0, distractors: bool = True) -> Example:
     rng = np.random.default_rng([seed, 1, index])
     w, h = size
     f = _scale(size)
-    tw, th = _target_extent(task, f)
+    tw, th = _target_extent(task, f, scale)
     pm = PLATE_MARGIN_U * f + f           # plate margin + its outline (1 unit)
     edge = (CHECK_MARGIN_U + 2) * f       # keep the check window (and the kernel) inside the image
     x0 = int(rng.integers(edge + pm, w - edge - pm - tw + 1))
@@ -217,22 +230,43 @@ def _example(seed: int, index: int, task: str, answer: str, split: str, size: tu
     if task == "count":
         cell = tw / 3
         cells = rng.permutation(9)[:5]
-        jit = rng.integers(-(f // 2), f // 2 + 1, size=(5, 2))
+        jit = rng.integers(-int(f * scale // 2), int(f * scale // 2) + 1, size=(5, 2))
         dots = tuple((int(round((c % 3 + 0.5) * cell)) + int(jx), int(round((c // 3 + 0.5) * cell)) + int(jy))
                      for c, (jx, jy) in zip(cells, jit))
     return Example(id=f"{task}-{index:06d}", index=index, seed=seed, task=task, answer=answer, split=split,
                    size=(w, h), f=f, plate=(x0 - pm, y0 - pm, x0 + tw + pm, y0 + th + pm),
-                   box=(x0, y0, x0 + tw, y0 + th), dots=dots)
+                   box=(x0, y0, x0 + tw, y0 + th), dots=dots, scale=scale, distractors=distractors)
+
+
+def task_classes(tasks: Sequence[str], classes: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Each task's answer classes: :data:`ANSWERS`, or the subset ``classes`` names (in its order)."""
+    classes = dict(classes or {})
+    out = {}
+    for t in tasks:
+        if t not in ANSWERS:
+            raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        sub = list(classes.pop(t, ANSWERS[t]))
+        bad = [a for a in sub if a not in ANSWERS[t]]
+        if bad or len(sub) < 2 or len(set(sub)) != len(sub):
+            raise ValueError(f"classes of {t!r} must be at least 2 distinct answers of {ANSWERS[t]}, got {sub}")
+        out[t] = sub
+    if classes:
+        raise ValueError(f"classes given for tasks not generated: {sorted(classes)}")
+    return out
 
 
 def build_examples(n: int, *, seed: int = 0, tasks: Sequence[str] = TASKS, test_fraction: float = 0.2,
-                   sizes: Sequence[tuple[int, int]] | None = None) -> list[Example]:
+                   sizes: Sequence[tuple[int, int]] | None = None, target_scale: float = 1.0,
+                   distractors: bool = True, classes: Mapping[str, Sequence[str]] | None = None) -> list[Example]:
     """The ``n`` examples of a dataset (cheap: geometry only, nothing is drawn).
 
     Tasks take turns (example ``k`` has task ``tasks[k % len(tasks)]``). Within a task the answers
     are a round-robin over its classes, and the held-out split is a prefix of that round-robin, so
     each task's answers are balanced within ±1 in each split and overall; answers, splits and sizes
-    are then shuffled (independently of each other's order) with ``seed``.
+    are then shuffled (independently of each other's order) with ``seed``. ``target_scale``
+    enlarges every target (its texture's period stays one 336-pixel); ``distractors=False``
+    leaves only the smooth background field around the plate. ``classes`` restricts a task's
+    answers to a subset of :data:`ANSWERS` (e.g. ``{"color": ["red", "green", "blue"]}``).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -248,13 +282,16 @@ def build_examples(n: int, *, seed: int = 0, tasks: Sequence[str] = TASKS, test_
             raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"repeated task in {tasks}")
-    sizes = _check_sizes(SIZES if sizes is None else sizes)
+    if not 0.5 <= target_scale <= 16:
+        raise ValueError(f"target_scale must be in [0.5, 16], got {target_scale}")
+    sizes = _check_sizes(SIZES if sizes is None else sizes, target_scale, tasks)
+    used = task_classes(tasks, classes)
     rng = np.random.default_rng([seed, 0])
     T = len(tasks)
     slots: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
     for ti, task in enumerate(tasks):
         nt = n // T + (ti < n % T)
-        classes = ANSWERS[task]
+        classes = used[task]
         n_test = int(round(nt * test_fraction))
         pairs = [(classes[i % len(classes)], "test" if i < n_test else "train") for i in range(nt)]
         order = rng.permutation(nt)
@@ -265,7 +302,7 @@ def build_examples(n: int, *, seed: int = 0, tasks: Sequence[str] = TASKS, test_
     for k in range(n):
         task = tasks[k % T]
         answer, split, size = slots[task][k // T]
-        out.append(_example(seed, k, task, answer, split, size))
+        out.append(_example(seed, k, task, answer, split, size, target_scale, distractors))
     return out
 
 
@@ -307,11 +344,11 @@ def _mask(ex: Example, answer: str) -> Image.Image:
         else:
             raise ValueError(f"unknown shape {answer!r}")
     elif task == "count":
-        r = 1.5 * f
+        r = 1.5 * f * ex.scale
         for (cx, cy) in ex.dots[: int(answer)]:
             d.ellipse([pad + cx - r, pad + cy - r, pad + cx + r - 1, pad + cy + r - 1], fill=255)
     elif task == "digit":
-        s = 2 * f                      # stroke
+        s = round(2 * f * ex.scale)    # stroke
         hm = th // 2
         seg = {"a": (0, 0, tw, s), "b": (tw - s, 0, tw, hm + s // 2), "c": (tw - s, hm - s // 2, tw, th),
                "d": (0, th - s, tw, th), "e": (0, hm - s // 2, s, th), "f": (0, 0, s, hm + s // 2),
@@ -362,7 +399,7 @@ def _background(ex: Example) -> np.ndarray:
         return tuple(int(v) for v in rng.integers(0, 256, size=3))  # type: ignore[return-value]
 
     # coarse texture patches: stripes or checks with a period of 3-7 % of L (plain at 336)
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(2, 5)) if ex.distractors else 0):
         pw, ph = (int(v) for v in rng.integers(L // 8, L // 3, size=2))
         px, py = int(rng.integers(-pw // 2, w - pw // 2)), int(rng.integers(-ph // 2, h - ph // 2))
         period = int(rng.integers(L // 30, L // 14))
@@ -381,7 +418,7 @@ def _background(ex: Example) -> np.ndarray:
                         d.rectangle([x, y, x + period - 1, y + period - 1], fill=c1)
 
     # large distractor shapes (visible in every view, unrelated to the answer)
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(3, 7)) if ex.distractors else 0):
         s = int(rng.integers(L // 8, L // 3))
         x, y = int(rng.integers(-s // 3, w - 2 * s // 3)), int(rng.integers(-s // 3, h - 2 * s // 3))
         c1 = colour()
@@ -594,7 +631,9 @@ def _summary(values: Iterable[float], worst: str) -> dict[str, float]:
 
 
 def generate(out_dir: str | os.PathLike, n: int, *, seed: int = 0, tasks: Sequence[str] = TASKS,
-             test_fraction: float = 0.2, sizes: Sequence[tuple[int, int]] | None = None, workers: int = 1,
+             test_fraction: float = 0.2, sizes: Sequence[tuple[int, int]] | None = None,
+             target_scale: float = 1.0, distractors: bool = True,
+             classes: Mapping[str, Sequence[str]] | None = None, workers: int = 1,
              progress: bool = True) -> dict[str, Any]:
     """Write the dataset (see the module docstring) to ``out_dir`` and return its ``meta.json``.
 
@@ -602,8 +641,10 @@ def generate(out_dir: str | os.PathLike, n: int, *, seed: int = 0, tasks: Sequen
     files. ``workers > 1`` draws the images in a process pool. Stale images of an earlier dataset
     (files named like ``<task>-<6 digits>.png`` in ``images/``) are removed; nothing else is.
     """
-    examples = build_examples(n, seed=seed, tasks=tasks, test_fraction=test_fraction, sizes=sizes)
-    sizes_used = _check_sizes(SIZES if sizes is None else sizes)
+    examples = build_examples(n, seed=seed, tasks=tasks, test_fraction=test_fraction, sizes=sizes,
+                              target_scale=target_scale, distractors=distractors, classes=classes)
+    sizes_used = _check_sizes(SIZES if sizes is None else sizes, target_scale, tasks)
+    used = task_classes(tasks, classes)
     out = Path(out_dir)
     image_dir = out / "images"
     (out / "test").mkdir(parents=True, exist_ok=True)
@@ -659,7 +700,7 @@ def generate(out_dir: str | os.PathLike, n: int, *, seed: int = 0, tasks: Sequen
         exs = [(ex, s) for ex, s in zip(examples, stats) if ex.task == task]
         counts[task] = {
             split: {"images": sum(ex.split == split for ex, _ in exs),
-                    "answers": {a: sum(ex.split == split and ex.answer == a for ex, _ in exs) for a in ANSWERS[task]}}
+                    "answers": {a: sum(ex.split == split and ex.answer == a for ex, _ in exs) for a in used[task]}}
             for split in ("train", "test")}
         separability[task] = {
             "lowres_max_abs_diff": _summary((s["low_max"] for _, s in exs), "max"),
@@ -669,17 +710,19 @@ def generate(out_dir: str | os.PathLike, n: int, *, seed: int = 0, tasks: Sequen
         }
     meta: dict[str, Any] = {
         "generator": "hires_lmm.data.synth",
-        "version": 1,
+        "version": 2,
         "seed": seed,
         "n": n,
         "tasks": list(tasks),
         "test_fraction": test_fraction,
         "sizes": [list(s) for s in sizes_used],
+        "target_scale": target_scale,
+        "distractors": distractors,
         "image_folder": "images",
         "files": {"stage1": "stage1.json", "stage2": "stage2.json", "questions": "test/questions.jsonl",
                   "answers": "test/answers.jsonl"},
         "counts": {"train": len(train), "test": len(test), "per_task": counts},
-        "answers": {t: ANSWERS[t] for t in tasks},
+        "answers": {t: list(used[t]) for t in tasks},
         "questions": {t: QUESTIONS[t] for t in tasks},
         "check": {
             "lowres": f"padded square -> {LOW_SIDE} px, PIL bicubic: every answer within {LOWRES_MAX_DIFF} grey "

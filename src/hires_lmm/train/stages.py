@@ -37,7 +37,8 @@ class Stage:
     Attributes:
         name: "1", "2", "1a", ..., or "scratch".
         groups: (prefix, learning rate) pairs; a parameter trains with the lr of the first
-            prefix it starts with; parameters matching none are frozen.
+            prefix it starts with; parameters matching none, or a prefix whose lr is None, are
+            frozen.
         data: "caption" or "instruct", the kind of data the paper used.
         template: the chat template the paper used for this stage ("plain" for captions).
         plan_options: planner options for this stage (LLaVA-HR's resolution).
@@ -47,7 +48,7 @@ class Stage:
     """
 
     name: str
-    groups: tuple[tuple[str, float], ...]
+    groups: tuple[tuple[str, float | None], ...]
     data: str = "instruct"
     template: str = "vicuna_v1"
     plan_options: dict[str, Any] = field(default_factory=dict)
@@ -88,14 +89,26 @@ STAGES: dict[str, dict[str, Stage]] = {
 }
 
 
+#: the vision encoders' parameters (ViT; LLaVA-HR's ViT and ConvNeXt)
+ENCODERS = ("visual.vit.", "visual.vision_tower.fast_vision_tower.", "visual.vision_tower.slow_vision_tower.")
+
+#: stages every method has, for models trained from random weights
+GENERIC_STAGES = ("scratch", "frozen-encoders")
+
+
 def get_stage(method: str, name: str, lr: float | None = None) -> Stage:
-    """The stage ``name`` of ``method``; ``"scratch"`` trains everything at ``lr`` (default 1e-3)."""
+    """The stage ``name`` of ``method``. Besides the papers' stages: ``"scratch"`` trains
+    everything at ``lr`` (default 1e-3); ``"frozen-encoders"`` trains everything but the vision
+    encoders (for tiny models whose encoders were pretrained on their own, as the papers keep
+    CLIP frozen)."""
     if name == "scratch":
         return Stage("scratch", ((ALL, lr if lr is not None else 1e-3),), visual={})
+    if name == "frozen-encoders":
+        return Stage(name, tuple((e, None) for e in ENCODERS) + ((ALL, lr if lr is not None else 1e-3),), visual={})
     try:
         stage = STAGES[method][name]
     except KeyError:
-        known = ", ".join(list(STAGES.get(method, {})) + ["scratch"])
+        known = ", ".join(list(STAGES.get(method, {})) + list(GENERIC_STAGES))
         raise ValueError(f"{method} has no stage {name!r}; its stages: {known}") from None
     if lr is not None:  # one lr for every group of the stage
         stage = Stage(stage.name, tuple((p, lr) for p, _ in stage.groups), stage.data, stage.template,
@@ -124,7 +137,7 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         match = next(((pre, lr) for pre, lr in stage.groups if name.startswith(pre)), None)
-        p.requires_grad_(match is not None and name not in fixed)
+        p.requires_grad_(match is not None and match[1] is not None and name not in fixed)
         if p.requires_grad:
             g = groups.setdefault(match[0] or "all", {"params": [], "lr": match[1], "name": match[0] or "all"})
             g["params"].append(p)

@@ -57,6 +57,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None
+    lr_schedule: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -86,6 +87,15 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
         return (step + 1) / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def constant_with_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup to 1, then constant."""
+    return (step + 1) / max(1, warmup) if step < warmup else 1.0
+
+
+#: ``TrainConfig.lr_schedule`` → multiplier(step, total, warmup)
+SCHEDULES = {"cosine": cosine_with_warmup, "constant": constant_with_warmup}
 
 
 def _build_model(cfg: TrainConfig) -> HiresLMM:
@@ -215,6 +225,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
             model.visual.vision_tower.convnext.gradient_checkpointing = True
     template = get_template(cfg.template or stage.template)
+    model.config.template = template.name  # recorded in config.json: prediction uses the same template
 
     records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
     report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
@@ -242,7 +253,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     warmup = int(cfg.warmup_ratio * total)
 
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
+    if cfg.lr_schedule not in SCHEDULES:
+        raise TrainingError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[cfg.lr_schedule]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
     model.train()
     # the scheduler is not prepared: accelerate would step it once per process per step
     ddp_model, optimizer = accelerator.prepare(model, optimizer)

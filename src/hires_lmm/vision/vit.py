@@ -8,7 +8,8 @@ so the state-dict names are HF's own under ``vision_tower.`` - the same nesting 
   slices, LLaVA-HR's 448x448 low-resolution pathway);
 * layer-by-layer execution (`run_layers`), so LLaVA-HR can interleave its MR-adapters;
 * LLaVA's feature selection: hidden state of layer ``select_layer`` (-2), CLS dropped, no post-LN;
-* batched encoding of many variable-sized views (`encode_views`).
+* batched encoding of many variable-sized views (`encode_views`): packed into one token
+  sequence with block-diagonal attention, or one call per distinct size.
 
 Position-embedding interpolation, as the references do it
 ---------------------------------------------------------
@@ -51,6 +52,11 @@ __all__ = ["ViT", "interpolate_pos_embed"]
 
 _CLIP_TYPES = {"clip", "clip_vision_model"}
 _SIGLIP_TYPES = {"siglip", "siglip_vision_model"}
+#: encoder blocks whose pre-LN structure `ViT._packed_block` reproduces
+_PACKABLE_LAYERS = {"CLIPEncoderLayer", "SiglipEncoderLayer"}
+#: packed encoding on a CPU runs chunks whose MLP activations hold at most this many elements
+#: (8 MiB in float32: 2048 tokens of a 1024-wide MLP), see `ViT.pack_max_tokens`
+_CPU_PACK_ELEMENTS = 2 ** 21
 
 
 def interpolate_pos_embed(
@@ -124,6 +130,10 @@ class ViT(nn.Module):
         self.drop_cls = drop_cls
         self.antialias = antialias
         self.gradient_checkpointing = False
+        #: packed encoding (`encode_views`) runs chunks of at most this many tokens through the
+        #: blocks at a time; None: on a CPU as many as keep the MLP's activations cache-sized
+        #: (2048 tokens for a 1024-wide MLP), everything at once elsewhere
+        self.pack_max_tokens: int | None = None
         # 4.x CLIP layers take (x, attention_mask, causal_attention_mask) and return tuples.
         params = inspect.signature(self.layers[0].forward).parameters if len(self.layers) else {}
         self._needs_causal_mask = "causal_attention_mask" in params
@@ -342,23 +352,136 @@ class ViT(nn.Module):
         return x
 
     def encode_views(
-        self, views: Sequence[torch.Tensor], select_layer: int | None = None
+        self,
+        views: Sequence[torch.Tensor],
+        select_layer: int | None = None,
+        packed: bool | None = None,
     ) -> list[torch.Tensor]:
-        """Encode variable-sized views, one batched call per distinct size.
+        """Encode variable-sized views in few large encoder calls.
+
+        Two strategies, giving the same features as one call per view (float tolerance):
+
+        * **grouped**: one batched forward per distinct view size;
+        * **packed**: the embeddings (one call per distinct size: the position table depends on
+          it) are concatenated into one ``(N, d)`` token sequence, ordered by sequence length;
+          every block then runs its LayerNorms, projections and MLP as single matmuls over all N
+          tokens (on a CPU, over cache-sized chunks of whole views: `pack_max_tokens`), and
+          attention as one ``scaled_dot_product_attention`` per distinct sequence length
+          (block-diagonal: a view only attends to its own tokens). LLaVA-UHD's slices come in
+          many sizes, so grouping by size alone leaves many small calls.
 
         Args:
             views: tensors (3, h_i, w_i).
+            select_layer: as in :meth:`forward`.
+            packed: None (default) packs when the views have more than one size and the blocks
+                are standard pre-LN CLIP/SigLIP blocks; True forces packing (ValueError when the
+                blocks cannot be packed); False always groups by size.
         Returns:
-            features (h_i/p * w_i/p, d) in input order.
+            features (h_i/p * w_i/p, d) in input order (one more row, CLS, when not
+            ``drop_cls``).
         """
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, v in enumerate(views):
             if v.ndim != 3:
                 raise ValueError(f"view {i} must be (3, h, w), got {tuple(v.shape)}")
             groups[(int(v.shape[1]), int(v.shape[2]))].append(i)
+        n_run = self.select_layer_index(select_layer)
+        if packed is None:
+            packed = len(groups) > 1 and self.packable(n_run)
+        elif packed and not self.packable(n_run):
+            raise ValueError("these encoder blocks cannot be packed (not standard CLIP/SigLIP blocks, "
+                             "or hooks are registered on them)")
+        if packed and views:
+            return self._encode_packed(views, groups, n_run)
         out: list[torch.Tensor | None] = [None] * len(views)
         for idxs in groups.values():
             feats = self(torch.stack([views[i] for i in idxs]), select_layer)
             for i, f in zip(idxs, feats.unbind(0)):
                 out[i] = f
         return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ packed encoding
+    def packable(self, n_run: int | None = None) -> bool:
+        """Whether the first ``n_run`` blocks (default: those `forward` runs) can run packed:
+        transformers' own CLIP/SigLIP encoder layers, with no hooks that expect (B, T, d) blocks
+        or calls of `forward` (a hook on this module sees every batched call of the grouped path)."""
+        n_run = self.select_layer_index() if n_run is None else n_run
+        if self._forward_hooks or self._forward_pre_hooks:
+            return False
+        for layer in self.layers[:n_run]:
+            if type(layer).__name__ not in _PACKABLE_LAYERS or layer._forward_hooks or layer._forward_pre_hooks:
+                return False
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
+                return False
+            if attn._forward_hooks or attn._forward_pre_hooks:
+                return False
+        return True
+
+    def _encode_packed(
+        self, views: Sequence[torch.Tensor], groups: Mapping[tuple[int, int], list[int]], n_run: int
+    ) -> list[torch.Tensor]:
+        emb: list[torch.Tensor | None] = [None] * len(views)
+        for idxs in groups.values():  # one embedding call per size: the position table differs
+            for i, e in zip(idxs, self.embed(torch.stack([views[i] for i in idxs])).unbind(0)):
+                emb[i] = e
+        # order by sequence length, so that each length's views are contiguous, and cut into
+        # chunks of (length, number of views) segments. On a CPU, cache-sized chunks keep the
+        # memory-bound elementwise work (GELU, LayerNorm, residuals) fast; elsewhere everything is
+        # one chunk.
+        order = sorted(range(len(views)), key=lambda i: emb[i].shape[0])  # type: ignore[union-attr]
+        limit = self.pack_max_tokens
+        if limit is None and views[0].device.type == "cpu":
+            limit = max(1, _CPU_PACK_ELEMENTS // int(getattr(self.config, "intermediate_size", 4 * self.hidden_size)))
+        chunks: list[list[tuple[int, int]]] = [[]]
+        used = 0
+        for i in order:
+            t = emb[i].shape[0]  # type: ignore[union-attr]
+            if limit is not None and used and used + t > limit:
+                chunks.append([])
+                used = 0
+            seg = chunks[-1]
+            if seg and seg[-1][0] == t:
+                seg[-1] = (t, seg[-1][1] + 1)
+            else:
+                seg.append((t, 1))
+            used += t
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        skip = 1 if self.drop_cls and self.has_cls else 0
+        out: list[torch.Tensor | None] = [None] * len(views)
+        k = 0
+        for chunk in chunks:
+            n_views = sum(c for _, c in chunk)
+            x = torch.cat([emb[i] for i in order[k:k + n_views]])  # type: ignore[misc]
+            for layer in self.layers[:n_run]:
+                if ckpt:
+                    x = checkpoint(self._packed_block, layer, x, chunk, use_reentrant=False)
+                else:
+                    x = self._packed_block(layer, x, chunk)
+            start = 0
+            for t, count in chunk:
+                for _ in range(count):
+                    out[order[k]] = x[start + skip:start + t]
+                    start += t
+                    k += 1
+        return out  # type: ignore[return-value]
+
+    def _packed_block(self, layer: nn.Module, x: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """One pre-LN block (CLIP/SigLIP ``EncoderLayer``) on packed tokens ``x`` (N, d):
+        attention within each view only, everything else over all N tokens at once."""
+        attn = layer.self_attn
+        heads = int(attn.num_heads)
+        hd = x.shape[-1] // heads
+        h = layer.layer_norm1(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        p = float(attn.dropout) if self.training else 0.0
+        parts: list[torch.Tensor] = []
+        start = 0
+        for t, b in segments:
+            n = t * b
+            qs, ks, vs = (z[start:start + n].view(b, t, heads, hd).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, scale=attn.scale)
+            parts.append(o.transpose(1, 2).reshape(n, heads * hd))
+            start += n
+        x = x + attn.out_proj(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return x + layer.mlp(layer.layer_norm2(x))

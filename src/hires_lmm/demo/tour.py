@@ -1,4 +1,4 @@
-"""``make demo`` until the training issue lands: how every method looks at one large image.
+"""``hires demo --tour``: how every method looks at one large image.
 
 Plans the bundled 1600×1200 image (small print a 336-px view cannot read) for every method, prints
 the plans and their cost, and draws each plan to ``OUT/plan-<method>.png``.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .plan import METHODS, plan_image
+from ..plan import METHODS, plan_image
 
-ASSET = Path(__file__).parent / "assets" / "demo.png"
+ASSET = Path(__file__).parent.parent / "assets" / "demo.png"
 
 
 def make_demo_image(size: tuple[int, int] = (1600, 1200), seed: int = 0) -> Image.Image:
@@ -42,11 +42,11 @@ def make_demo_image(size: tuple[int, int] = (1600, 1200), seed: int = 0) -> Imag
     return img
 
 
-def run_demo(out: Path, quick: bool = False) -> None:
-    from .cli import format_plan
-    from .image import load_image
-    from .image.overlay import draw_plan
-    from .plan.cost import plan_cost
+def run_tour(out: Path, quick: bool = False) -> None:
+    from ..cli import format_plan
+    from ..image import load_image
+    from ..image.overlay import draw_plan
+    from ..plan.cost import plan_cost
 
     out.mkdir(parents=True, exist_ok=True)
     img = load_image(ASSET) if ASSET.exists() else make_demo_image()

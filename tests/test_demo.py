@@ -1,0 +1,164 @@
+"""The demo's parts: whole-word tokenizer, 672-px synthetic data, frozen-encoder stage, dense
+encoder pretraining, viewing scales, and a miniature end-to-end demo run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hires_lmm.data import synth
+from hires_lmm.data.templates import get_template
+from hires_lmm.demo.pretrain import view_scale, viewing_scales
+from hires_lmm.demo.run import DEMO_SIZES, DemoConfig, run_demo, vocabulary
+from hires_lmm.methods import TINY_VISION, build_model
+from hires_lmm.plan import plan_image
+from hires_lmm.text import build_byte_tokenizer, separator_id
+from hires_lmm.train.dense import cell_labels, pretrain_dense
+from hires_lmm.train.stages import apply_stage, get_stage
+from hires_lmm.train.trainer import SCHEDULES
+from hires_lmm.vision.vit import ViT
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+def test_word_tokenizer_makes_answers_single_tokens():
+    tok = build_byte_tokenizer(["red", "green", "What", "color"])
+    assert len(tok.encode("red", add_special_tokens=False)) == 1
+    assert len(tok.encode(" green", add_special_tokens=False)) == 1
+    ids = tok.encode("What colored reds?", add_special_tokens=False)
+    assert tok.decode(ids) == "What colored reds?"              # other words fall back to bytes
+    assert len(ids) > 4
+    assert separator_id(tok, ",") != separator_id(tok, "\n")
+    # vicuna_v1: the reply " green" is one labelled token, then </s>
+    ids, labels = get_template("vicuna_v1").encode(
+        tok, [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "green"}])
+    trained = [i for i, l in zip(ids, labels) if l != -100]
+    assert trained == [tok.convert_tokens_to_ids("Ġgreen"), tok.eos_token_id]
+
+
+def test_default_tokenizer_unchanged():
+    tok = build_byte_tokenizer()
+    assert len(tok.encode(" red", add_special_tokens=False)) == 4
+
+
+# --- synthetic data -----------------------------------------------------------------------------------
+
+def test_colours_differ_in_which_channels_are_textured():
+    sets = [tuple(np.array(synth._COLOR_SIGNS[c]) != 0) for c in synth.ANSWERS["color"]]
+    assert len(set(sets)) == len(sets)
+
+
+def test_672_canvases_subset_of_classes_and_plain_background(tmp_path):
+    meta = synth.generate(tmp_path, 12, seed=3, tasks=("color",), sizes=DEMO_SIZES, target_scale=6,
+                          distractors=False, classes={"color": ["red", "green", "blue"]}, progress=False)
+    assert meta["answers"] == {"color": ["red", "green", "blue"]}
+    sep = meta["separability"]["color"]
+    assert sep["lowres_max_abs_diff"]["max"] <= synth.LOWRES_MAX_DIFF
+    assert sep["highres_min_pairwise_rms"]["min"] >= synth.HIGHRES_MIN_RMS
+    exs = synth.build_examples(12, seed=3, tasks=("color",), sizes=DEMO_SIZES, target_scale=6, distractors=False,
+                               classes={"color": ["red", "green", "blue"]})
+    assert {e.f for e in exs} == {2}
+    assert {e.answer for e in exs} == {"red", "green", "blue"}
+    assert all(e.box[2] - e.box[0] == 8 * 2 * 6 for e in exs)    # 8 units of f=2 px, scaled 6x
+    # no distractors: outside the plate the image is the smooth field (tiny pixel steps only)
+    img = np.asarray(synth.render(exs[0]), np.int16)
+    x0, y0, x1, y1 = exs[0].plate
+    row = img[max(0, y0 - 40)] if y0 >= 40 else img[min(img.shape[0] - 1, y1 + 40)]
+    assert np.abs(np.diff(row, axis=0)).max() <= 4
+
+
+def test_class_subset_errors():
+    with pytest.raises(ValueError, match="classes of 'color'"):
+        synth.build_examples(4, tasks=("color",), classes={"color": ["red", "mauve"]})
+    with pytest.raises(ValueError, match="not generated"):
+        synth.build_examples(4, tasks=("color",), classes={"shape": ["circle", "square"]})
+    with pytest.raises(ValueError, match="336·f"):
+        synth.build_examples(4, tasks=("color",), sizes=[(500, 400)])
+
+
+# --- stages, schedules ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["llava-uhd", "llava-hr"])
+def test_frozen_encoders_stage(method):
+    model = build_model(method, tiny=True)
+    groups = apply_stage(model, get_stage(method, "frozen-encoders", 1e-3))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    encoder = [n for n, _ in model.named_parameters()
+               if n.startswith(("visual.vit.", "visual.vision_tower.fast_vision_tower.", "visual.vision_tower.slow_vision_tower."))]
+    assert encoder and not trained & set(encoder)
+    assert any(n.startswith("llm.") for n in trained) and any(n.startswith("visual.") for n in trained)
+    assert sum(len(g["params"]) for g in groups) == len(trained)
+
+
+def test_constant_schedule():
+    assert SCHEDULES["constant"](0, 100, 10) == pytest.approx(0.1)
+    assert SCHEDULES["constant"](99, 100, 10) == 1.0
+    assert SCHEDULES["cosine"](99, 100, 10) < 0.01
+
+
+# --- dense pretraining, viewing scales ------------------------------------------------------------------------
+
+def test_cell_labels():
+    lab = cell_labels((14, 0, 42, 14), 3, (2, 4), 14)
+    assert lab.tolist() == [[0, 3, 3, 0], [0, 0, 0, 0]]
+
+
+def test_dense_pretraining_learns_a_visible_cell_task():
+    """Cells of a bright square are class 1: a tiny ViT learns it in a few dozen steps."""
+    torch.manual_seed(0)
+    cfg = dict(TINY_VISION, image_size=56, num_hidden_layers=2)
+    vit = ViT.from_config(cfg)
+
+    def sampler(rng, n):
+        x = torch.full((n, 3, 56, 56), -1.0)
+        y = torch.zeros(n, 4, 4, dtype=torch.long)
+        for i in range(n):
+            r, c = (int(v) for v in rng.integers(0, 4, size=2))
+            x[i, :, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = 1.0
+            y[i, r, c] = 1
+        return x, y
+
+    res = pretrain_dense(vit, sampler, 1, steps=40, batch_size=16, lr=1e-2, warmup=5, progress=False)
+    assert res.fg_acc > 0.9 and res.bg_acc > 0.9, res
+    assert not vit.training
+
+
+def test_viewing_scales_follow_the_plans():
+    assert view_scale(plan_image("inf-llava", (672, 672)), plan_image("inf-llava", (672, 672)).views[0]) == pytest.approx(1.5)
+    assert viewing_scales(["llava-1.5"], DEMO_SIZES) == []                       # 336 of 672: shrunk
+    assert 1.0 in viewing_scales(["llava-next"], DEMO_SIZES)
+    assert viewing_scales(["llava-hr"], DEMO_SIZES, role="highres") == [1.52]
+    # every high-resolution method sees the demo's images at scale >= 1 somewhere
+    for m in ("llava-next", "llava-uhd", "inf-llava", "slime"):
+        for size in DEMO_SIZES:
+            plan = plan_image(m, size)
+            assert max(s for v in plan.views if (s := view_scale(plan, v)) is not None) >= 1.0, (m, size)
+
+
+# --- the whole demo, miniature ---------------------------------------------------------------------------
+
+def test_demo_end_to_end_miniature(tmp_path, capsys):
+    cfg = DemoConfig(n=20, vit_steps=2, vit_batch=2, convnext_steps=1, convnext_batch=1, pretrain_images=4,
+                     methods=("llava-1.5", "llava-uhd"), steps=2, batch_size=2, eval_batch=4, workers=1)
+    rows = run_demo(tmp_path, config=cfg, progress=False)
+    assert [r["method"] for r in rows] == ["llava-1.5", "llava-uhd"]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["count"] == 4
+        assert r["visual_tokens"] > 0 and r["vision_gflops"] > 0 and r["train_s"] > 0
+    assert rows[0]["visual_tokens"] == 576
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["chance"] == pytest.approx(1 / 3) and "llava-uhd" in res["margin_over_llava15"]
+    for f in ("results.md", "accuracy.png", "plan-llava-uhd.png", "plan-llava-1.5.png"):
+        assert (tmp_path / f).exists(), f
+    out = capsys.readouterr().out
+    assert "| llava-uhd |" in out
+    # the tokenizer knows the answers as words
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert {"red", "green", "blue", "color"} <= set(vocabulary(meta))
+    # a second run reuses every finished stage
+    rows2 = run_demo(tmp_path, config=cfg, progress=False)
+    assert rows2 == rows
+    assert capsys.readouterr().out.count("reusing") == 4
