@@ -167,7 +167,7 @@ def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="336"):
         synth.build_examples(4, sizes=[(1200, 900)])
     with pytest.raises(ValueError, match="336"):
-        synth.build_examples(4, sizes=[(672, 672)])
+        synth.build_examples(4, sizes=[(336, 336)])       # f = 1: the 336 view is the image itself
     with pytest.raises(ValueError, match="shorter side"):
         synth.build_examples(4, sizes=[(2016, 100)])
     with pytest.raises(ValueError, match="unknown task"):
@@ -175,7 +175,7 @@ def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError):
         synth.build_examples(4, test_fraction=1.5)
     with pytest.raises(ValueError):
-        synth.render(synth.build_examples(1)[0], "purple")
+        synth.render(synth.build_examples(1)[0], "mauve")
 
 
 # --- the property: unreadable at 336, plain at high resolution -----------------------------------

@@ -69,14 +69,19 @@ def plot_accuracy(rows: list[dict[str, Any]], chance: float, path: Path, size: t
         d.line([x, yc, min(x + 8, W - right), yc], fill=(150, 150, 150), width=2)
         x += 14
     d.text((W - right - 4, yc - 4), "chance", fill=(120, 120, 120), font=small, anchor="rb")
+    placed: list[tuple[float, float]] = []
     for r, t in zip(rows, toks):
         x, y = px(t, 100 * r["accuracy"])
         c = _COLOURS.get(r["method"], (0, 0, 0))
         d.ellipse([x - 7, y - 7, x + 7, y + 7], fill=c, outline=(0, 0, 0))
-        d.text((x + 10, y - 10), r["method"], fill=c, font=font, anchor="lb")
+        ly = y - 10
+        while any(abs(ly - py) < 18 and abs(x - px_) < 120 for px_, py in placed):  # labels of close points stack
+            ly += 18
+        placed.append((x, ly))
+        d.text((x + 10, ly), r["method"], fill=c, font=font, anchor="lb")
     d.text((W / 2, 12), "Held-out accuracy against visual tokens per image", fill=(0, 0, 0), font=font, anchor="mt")
     d.text((W / 2, H - 22), "visual tokens per image (log scale)", fill=(0, 0, 0), font=small, anchor="mt")
-    d.text((18, (top + H - bottom) / 2), "accuracy (%)", fill=(0, 0, 0), font=small, anchor="mm")
+    d.text((left, top - 6), "accuracy (%)", fill=(0, 0, 0), font=small, anchor="lb")
     img.save(path)
 
 

@@ -75,7 +75,7 @@ QUICK = DemoConfig(n=40, vit_steps=6, vit_batch=8, convnext_steps=3, convnext_ba
 
 _DATA_KEYS = ("n", "tasks", "sizes", "target_scale", "distractors", "colors", "seed")
 _ENC_KEYS = _DATA_KEYS + ("vit_steps", "vit_batch", "convnext_steps", "convnext_batch", "pretrain_lr",
-                          "pretrain_images", "methods")
+                          "pretrain_images")
 
 
 def _cached(path: Path, stamp: dict[str, Any]) -> bool:
@@ -126,7 +126,8 @@ def make_data(out: Path, cfg: DemoConfig, progress: bool = True) -> dict[str, An
 
 
 def pretrain_encoders(out: Path, cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Stage 0: the shared tiny ViT (and ConvNeXt, when llava-hr is compared)."""
+    """Stage 0: the shared tiny ViT and LLaVA-HR's tiny ConvNeXt, the same whichever methods are
+    compared (the crops' scales come from every demo method's plans)."""
     from ..methods import TINY_CONVNEXT, TINY_VISION
     from ..train.dense import pretrain_dense
     from ..vision.convnext import ConvNeXt, ConvNeXtConfig
@@ -140,7 +141,7 @@ def pretrain_encoders(out: Path, cfg: DemoConfig, progress: bool = True) -> dict
         return json.loads((enc / "report.json").read_text())
     enc.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
-    high = [m for m in cfg.methods if m not in ("llava-1.5", "llava-hr")]
+    high = [m for m in DEMO_METHODS if m not in ("llava-1.5", "llava-hr")]
     scales = viewing_scales(high, cfg.sizes) or [1.0]
     import torch
 
@@ -153,17 +154,17 @@ def pretrain_encoders(out: Path, cfg: DemoConfig, progress: bool = True) -> dict
     report["vit"] = {"scales": scales, **asdict(res)}
     print(f"[encoders] ViT: {res.steps} steps in {res.seconds:.0f}s at scales {scales}: cell accuracy "
           f"{res.fg_acc:.1%} on the target, {res.bg_acc:.1%} elsewhere")
-    if "llava-hr" in cfg.methods:
-        hr_scales = viewing_scales(["llava-hr"], cfg.sizes, role="highres") or [1.5]
-        torch.manual_seed(cfg.seed)
-        cnx = ConvNeXt(ConvNeXtConfig(**TINY_CONVNEXT))
-        crops = SynthCrops(out / "data", hr_scales, 512, cnx.stride, max_images=cfg.pretrain_images)
-        res = pretrain_dense(cnx, crops, crops.num_classes, steps=cfg.convnext_steps, batch_size=cfg.convnext_batch,
-                             lr=cfg.pretrain_lr, seed=cfg.seed, desc="[encoders] ConvNeXt", progress=progress)
-        cnx.save_pretrained(enc / "convnext")
-        report["convnext"] = {"scales": hr_scales, **asdict(res)}
-        print(f"[encoders] ConvNeXt: {res.steps} steps in {res.seconds:.0f}s at scales {hr_scales}: cell "
-              f"accuracy {res.fg_acc:.1%} on the target, {res.bg_acc:.1%} elsewhere")
+    # LLaVA-HR's ConvNeXt, always (seconds): a later run of llava-hr reuses it
+    hr_scales = viewing_scales(["llava-hr"], cfg.sizes, role="highres") or [1.5]
+    torch.manual_seed(cfg.seed)
+    cnx = ConvNeXt(ConvNeXtConfig(**TINY_CONVNEXT))
+    crops = SynthCrops(out / "data", hr_scales, 512, cnx.stride, max_images=cfg.pretrain_images)
+    res = pretrain_dense(cnx, crops, crops.num_classes, steps=cfg.convnext_steps, batch_size=cfg.convnext_batch,
+                         lr=cfg.pretrain_lr, seed=cfg.seed, desc="[encoders] ConvNeXt", progress=progress)
+    cnx.save_pretrained(enc / "convnext")
+    report["convnext"] = {"scales": hr_scales, **asdict(res)}
+    print(f"[encoders] ConvNeXt: {res.steps} steps in {res.seconds:.0f}s at scales {hr_scales}: cell "
+          f"accuracy {res.fg_acc:.1%} on the target, {res.bg_acc:.1%} elsewhere")
     (enc / "report.json").write_text(json.dumps(report, indent=1))
     _write_stamp(stamp, cfg.stamp(*_ENC_KEYS))
     return report
@@ -178,7 +179,8 @@ def run_method(out: Path, cfg: DemoConfig, method: str, meta: dict[str, Any], pr
 
     run_dir = out / "models" / method
     result_file = run_dir / "demo-result.json"
-    stamp = {**cfg.stamp(), "method": method}
+    stamp = {k: v for k, v in cfg.stamp().items() if k not in ("methods", "workers")}
+    stamp["method"] = method
     if result_file.exists() and _cached(run_dir / "demo-stamp.json", stamp):
         print(f"[{method}] reusing {run_dir}")
         return json.loads(result_file.read_text())
