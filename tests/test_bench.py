@@ -79,9 +79,11 @@ def test_encode_packed_matches_per_view_and_counts_flops():
     r = bench_encode(vit_config(32, 2), name="test", repeat=1, sizes=[(500, 375), (1000, 600), (800, 1200)])
     assert r["views"] > r["distinct_sizes"] > 1
     assert r["max_abs_diff_vs_per_view"] < 1e-4
-    for k in ("packed_vs_per_view", "grouped_vs_per_view", "packed_vs_uniform", "packed_vs_uniform_batched"):
+    for k in ("packed_vs_per_view", "grouped_vs_per_view", "packed_vs_uniform", "packed_vs_uniform_batched",
+              "packed_vs_reference_call"):
         assert math.isfinite(r[k]) and r[k] > 0
     assert r["gflops"] > 0 and r["uniform_gflops"] > 0
+    assert r["gflops"] < r["reference_gflops"] < 2 * r["gflops"]  # 2 blocks vs the 1 LLaVA reads (+ embedding)
 
 
 def test_e2e_ttft_and_decode_rate():
@@ -129,6 +131,7 @@ def _fake_results(gpu: dict | None) -> dict:
                          "exact_max_abs_diff": 4.8e-7, "target_speedup": 3.0, "repeat": 5}
     enc = {"config": "mid", "width": 256, "layers_run": 3, "heads": 4, "images": 8, "views": 52,
            "distinct_sizes": 13, "distinct_lengths": 8, "tokens": 28933, "gflops": 100.0, "uniform_gflops": 104.0,
+           "layers": 4, "reference_gflops": 133.0, "reference_call_s": 4.0, "packed_vs_reference_call": 1.43,
            "per_view_s": 3.0, "grouped_s": 2.9, "packed_s": 2.8, "uniform_batched_s": 4.0, "uniform_library_s": 2.9,
            "packed_gflops_per_s": 35.7, "uniform_gflops_per_s": 35.9, "packed_vs_per_view": 1.07,
            "grouped_vs_per_view": 1.03, "packed_vs_uniform": 0.99, "packed_vs_uniform_batched": 1.4,

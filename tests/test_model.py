@@ -257,3 +257,25 @@ def test_inspect_cli(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["planned_visual_tokens"] == info["num_visual_tokens"] == 1024
     assert main(["inspect", "--method", "llava-hr", "--size", "800x600"]) == 2
+
+
+def test_prepare_image_fast_path(tmp_path):
+    """``fast=True`` keeps the plan and view sizes; a small image (nothing to reduce) gives the exact
+    pixels; a large JPEG is reduced (a few grey levels off); bad files raise the loader's errors."""
+    from hires_lmm.image import ImageLoadError, ImageTooLargeError
+    from hires_lmm.model import prepare_image
+
+    small, big = tmp_path / "small.png", tmp_path / "big.jpg"
+    rand_image((500, 375), 1).save(small)
+    rand_image((160, 120), 2).resize((4800, 3600), Image.BILINEAR).save(big, quality=90)
+    a, b = prepare_image(small, "llava-next"), prepare_image(small, "llava-next", fast=True)
+    assert a.plan == b.plan and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+    a, b = prepare_image(big, "llava-next"), prepare_image(big, "llava-next", fast=True)
+    assert a.plan == b.plan and [v.shape for v in a.views] == [v.shape for v in b.views]
+    d = torch.cat([(x - y).abs().flatten() for x, y in zip(a.views, b.views)])
+    assert 0 < float(d.max()) < 0.2 and float(d.mean()) < 0.01
+    with pytest.raises(ImageTooLargeError):
+        prepare_image(big, "llava-next", fast=True, max_pixels=1_000_000)
+    (tmp_path / "cut.jpg").write_bytes(big.read_bytes()[:3000])
+    with pytest.raises(ImageLoadError):
+        prepare_image(tmp_path / "cut.jpg", "llava-next", fast=True)

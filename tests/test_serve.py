@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 pytest.importorskip("starlette")
@@ -698,3 +699,26 @@ def test_web_page_in_chromium(served, ref, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_fast_decode_renders_close_to_exact_and_refuses_bad_images(ref):
+    """--fast-decode: a large JPEG is planned from its header and decoded reduced; the views keep the
+    exact path's plan and sizes and differ by a few grey levels; a truncated file is still a 400."""
+    from hires_lmm.serve.errors import APIError
+    from hires_lmm.serve.protocol import parse_chat_request
+
+    buf = io.BytesIO()
+    picture(5000, 3750, 5).save(buf, format="JPEG", quality=90)  # reduced 2x: 2500 px >= 2 x the 1008-px canvas
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    req = parse_chat_request({"model": NAME, "messages": user("What?", url)}, NAME)
+    exact = Service(ref, ServeConfig(served_model_name=NAME)).prepare_chat(req).images[0]
+    fast = Service(ref, ServeConfig(served_model_name=NAME, fast_decode=True)).prepare_chat(req).images[0]
+    assert fast.plan == exact.plan
+    assert [v.shape for v in fast.views] == [v.shape for v in exact.views]
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(fast.views, exact.views)])
+    assert 0 < float(diff.max()) < 0.3 and float(diff.mean()) < 0.01
+    cut = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()[:2000]).decode()
+    bad = parse_chat_request({"model": NAME, "messages": user("What?", cut)}, NAME)
+    with pytest.raises(APIError) as e:
+        Service(ref, ServeConfig(served_model_name=NAME, fast_decode=True)).prepare_chat(bad)
+    assert e.value.status == 400 and e.value.code == "invalid_image"

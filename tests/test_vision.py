@@ -340,6 +340,28 @@ def test_encode_views_packed_falls_back_with_hooks(vit: ViT) -> None:
     assert vit.packable() and vit.encode_views([]) == []
 
 
+def test_encode_views_packs_after_a_transformers_hidden_states_call() -> None:
+    """transformers 5 leaves its output-capturing hooks on every layer after the first call with
+    output_hidden_states=True; they are inert and must not turn packing off."""
+    torch.manual_seed(0)
+    v = ViT.from_config(clip_config()).eval()
+    randomize_(v)
+    views = [torch.randn(3, h, w) for h, w in UHD_LIKE_SIZES[:4]]
+    with torch.no_grad():
+        hf = v.vision_tower(pixel_values=views[0][None], output_hidden_states=True,
+                            interpolate_pos_encoding=True).hidden_states
+        assert len(hf) == v.num_layers + 1
+        assert any(len(layer._forward_hooks) for layer in v.layers)  # what transformers left behind
+        assert v.packable()
+        for x, f in zip(views, v.encode_views(views, packed=True)):
+            torch.testing.assert_close(f, v(x[None])[0], rtol=0, atol=1e-5)
+        hook = v.layers[0].register_forward_hook(lambda m, i, o: None)  # a user's hook still counts
+        try:
+            assert not v.packable()
+        finally:
+            hook.remove()
+
+
 # ----------------------------------------------------------------------------- loading
 def test_from_pretrained_vision_dir(tmp_path, vit: ViT) -> None:
     vit.vision_tower.save_pretrained(tmp_path / "clip")

@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import ModelOutput
 
 from .config import HiresConfig
-from .image import load_image
-from .image.render import render
+from .image import DEFAULT_MAX_PIXELS, load_image
+from .image.render import load_and_render, render
 from .plan import Plan, plan_image
 from .text import ensure_image_token, separator_id
 
@@ -63,10 +63,20 @@ class Batch:
 
 
 def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
-                  plan_options: dict[str, Any] | None = None) -> ImageInput:
+                  plan_options: dict[str, Any] | None = None, *, fast: bool = False,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:
     """Load (safely), plan and render one image for ``method`` — no model needed, so data-loader
-    workers can do it."""
-    img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image)
+    workers can do it.
+
+    ``fast`` plans from the file's header and decodes a reduced copy when the plan needs less
+    than the full resolution (:func:`~hires_lmm.image.render.load_and_render`: 2-4x faster on
+    large JPEGs, within a few grey levels of the exact pixels); the default renders the exact
+    pixels the reference code sees. ``max_pixels`` is the decompression-bomb limit.
+    """
+    if fast and not isinstance(image, Image.Image):
+        plan, views = load_and_render(image, method, plan_options, max_pixels=max_pixels)
+        return ImageInput(plan, views)
+    img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image, max_pixels=max_pixels)
     plan = plan_image(method, img.size, **(plan_options or {}))
     return ImageInput(plan, render(img, plan))
 
@@ -117,9 +127,10 @@ class HiresLMM(nn.Module):
     def plan(self, size: tuple[int, int]) -> Plan:
         return plan_image(self.config.method, size, **self.config.plan_options)
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike | bytes) -> ImageInput:
-        """Load (safely), plan and render one image."""
-        return prepare_image(image, self.config.method, self.config.plan_options)
+    def prepare_image(self, image: Image.Image | str | os.PathLike | bytes, *, fast: bool = False,
+                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:
+        """Load (safely), plan and render one image (``fast``: see :func:`prepare_image`)."""
+        return prepare_image(image, self.config.method, self.config.plan_options, fast=fast, max_pixels=max_pixels)
 
     def encode_images(self, images: Sequence[ImageInput], text_embeds: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Visual token sequences, one ``(n_i, D)`` tensor per image (all views encoded together)."""

@@ -2,7 +2,10 @@
 
 Contenders, all with the same ViT (random weights) on the same views:
 
-* **per view**: one encoder call per view, as the reference code does;
+* **reference call**: transformers' vision model called once per view with
+  ``output_hidden_states=True`` and ``interpolate_pos_encoding=True``, layer -2 read: what LLaVA's
+  ``CLIPVisionTower`` does for a list of images (all blocks run, every hidden state kept);
+* **per view**: one call per view of the library's ``ViT`` (runs only the blocks LLaVA reads);
 * **grouped**: ``ViT.encode_views(packed=False)``, one batched call per distinct view size;
 * **packed**: ``ViT.encode_views`` (the library's default for mixed sizes): one token sequence
   with block-diagonal attention;
@@ -46,10 +49,12 @@ def uhd_views(sizes: Sequence[tuple[int, int]] = UHD_BATCH_SIZES, method: str = 
             for s in sizes for v in plan_image(method, s).views]
 
 
-def encoder_flops(vit: ViT, views: Sequence[torch.Tensor]) -> float:
-    """FLOPs of encoding ``views`` with the blocks ``vit`` runs (LLaVA reads layer -2)."""
+def encoder_flops(vit: ViT, views: Sequence[torch.Tensor], layers: int | None = None) -> float:
+    """FLOPs of encoding ``views`` with ``layers`` blocks (default: those ``vit`` runs; LLaVA
+    reads layer -2)."""
     c = vit.config
-    shape = ViTShape(width=c.hidden_size, layers=vit.select_layer_index(), mlp=c.intermediate_size,
+    shape = ViTShape(width=c.hidden_size, layers=vit.select_layer_index() if layers is None else layers,
+                     mlp=c.intermediate_size,
                      patch=c.patch_size)
     p = vit.patch_size
     return sum(vit_flops((v.shape[-2] // p) * (v.shape[-1] // p), shape, cls=vit.has_cls) for v in views)
@@ -69,7 +74,14 @@ def bench_encode(config: dict[str, Any], *, name: str, repeat: int = 3,
         ref = [vit(v[None])[0] for v in views]
         packed = vit.encode_views(views, packed=True)
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ref, packed))
+        tower, layer = vit.vision_tower, vit.select_layer
+
+        def reference_call() -> list[torch.Tensor]:
+            return [tower(pixel_values=v[None], output_hidden_states=True,
+                          interpolate_pos_encoding=True).hidden_states[layer] for v in views]
+
         t = interleaved({
+            "reference_call": reference_call,
             "per_view": lambda: [vit(v[None]) for v in views],
             "grouped": lambda: vit.encode_views(views, packed=False),
             "packed": lambda: vit.encode_views(views, packed=True),
@@ -84,12 +96,14 @@ def bench_encode(config: dict[str, Any], *, name: str, repeat: int = 3,
         "distinct_sizes": len({tuple(v.shape) for v in views}),
         "distinct_lengths": len({(v.shape[-2] // p) * (v.shape[-1] // p) for v in views}),
         "tokens": sum((v.shape[-2] // p) * (v.shape[-1] // p) for v in views),
-        "gflops": flops / 1e9, "uniform_gflops": uflops / 1e9,
+        "gflops": flops / 1e9, "uniform_gflops": uflops / 1e9, "layers": vit.num_layers,
+        "reference_gflops": encoder_flops(vit, views, vit.num_layers) / 1e9,
         **{f"{k}_s": v for k, v in t.items()},
         "packed_gflops_per_s": flops / 1e9 / t["packed"],
         "uniform_gflops_per_s": uflops / 1e9 / best_uniform,
         "packed_vs_per_view": ratio(t["per_view"], t["packed"]),
         "grouped_vs_per_view": ratio(t["per_view"], t["grouped"]),
+        "packed_vs_reference_call": ratio(t["reference_call"], t["packed"]),
         # throughput per FLOP, against the better of the two uniform runs
         "packed_vs_uniform": ratio(flops / t["packed"], uflops / best_uniform),
         "packed_vs_uniform_batched": ratio(flops / t["packed"], uflops / t["uniform_batched"]),

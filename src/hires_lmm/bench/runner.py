@@ -51,7 +51,8 @@ class BenchSettings:
                     encode_configs=(("tiny preset (width 32, 4 layers)", _tiny_vision()),),
                     e2e_tokens=8, e2e_repeat=1)
         else:
-            s = cls(encode_configs=(("mid (width 256, 4 layers, 4 heads)", vit_config(256, 4)),
+            s = cls(encode_configs=(("ViT-L width (1024 wide, 16 heads, MLP 4096; 3 layers)", vit_config(1024, 3, 16)),
+                                    ("mid (width 256, 4 layers, 4 heads)", vit_config(256, 4)),
                                     ("tiny preset (width 32, 4 layers)", _tiny_vision())))
         return replace(s, **changes)
 

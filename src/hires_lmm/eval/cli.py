@@ -29,7 +29,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         res = predict(args.model, args.question_file, args.image_folder, out, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       template=args.template, num_shards=num_shards, shard=shard, progress=not args.no_progress,
-                      model_id=args.model_id, seed=args.seed, retry_errors=args.retry_errors, device=args.device)
+                      model_id=args.model_id, seed=args.seed, retry_errors=args.retry_errors, device=args.device,
+                      fast_decode=args.fast_decode)
     except (FileNotFoundError, ImageLoadError) as e:
         raise CLIError(str(e)) from None
     except ValueError as e:  # a malformed question file, an unknown template
@@ -94,6 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", help="the answers' model_id (default: the model directory's name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retry-errors", action="store_true", help="ask questions whose earlier answer was an error again")
+    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced (2-4x faster preprocessing, within a few grey levels of the exact pixels)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -200,7 +200,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
             batch_size: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
             template: str | None = None, num_shards: int = 1, shard: int = 0, progress: bool = True,
             model_id: str | None = None, seed: int | None = 0, retry_errors: bool = False,
-            device: str | None = None,
+            device: str | None = None, fast_decode: bool = False,
             on_batch: Callable[[list[dict[str, Any]]], None] | None = None) -> PredictResult:
     """Answer the questions of shard ``shard`` of ``num_shards`` into ``answers_file`` (JSONL).
 
@@ -218,6 +218,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
         model_id: the answers' ``model_id`` (default: the model directory's name, else the method).
         retry_errors: ask questions whose earlier answer is an error record again.
         device: where a model directory is loaded (default: GPU if available).
+        fast_decode: decode large images reduced (:func:`hires_lmm.model.prepare_image`'s ``fast``).
         on_batch: called with each batch's records after they are written (for tests, logging).
 
     Bad images are recorded as error answers, not raised (see the module doc).
@@ -253,7 +254,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
             for i, q in enumerate(batch):
                 prompt = build_prompt(q)
                 try:
-                    ims = [net.prepare_image(folder / str(q["image"]))] if q.get("image") else []
+                    ims = [net.prepare_image(folder / str(q["image"]), fast=fast_decode)] if q.get("image") else []
                 except (ImageLoadError, OSError) as e:  # unreadable image: recorded, not raised
                     records[i] = _record(q, "", model_id, error=f"{type(e).__name__}: {e}")
                     continue

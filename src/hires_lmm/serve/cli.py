@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest request body in MiB (default %(default)g)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
                    help="largest image, width x height (default %(default)s)")
+    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced (2-4x faster preprocessing, within a few grey levels of the exact pixels)")
     p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, metavar="N",
                    help="most images in one request (default %(default)s)")
     p.add_argument("--max-model-len", type=int, metavar="N",
@@ -95,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens, batch_wait_ms=args.batch_wait_ms,
         max_waiting=args.max_waiting, max_request_bytes=int(args.max_request_mb * MiB),
         max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images_per_request,
-        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens)
+        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens, fast_decode=args.fast_decode)
     try:
         app = create_app(model, config)
     except (ValueError, RuntimeError) as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
@@ -64,6 +65,15 @@ def checked_size(src: ImageBytesOrPath, param: str, max_pixels: int | None) -> t
     """``(w, h)`` from the header only, with the pixel limit applied."""
     try:
         return image_size(src, max_pixels=max_pixels)
+    except ImageLoadError as e:
+        raise _load_error(e, param) from None
+
+
+def prepare_checked(model: Any, src: ImageBytesOrPath, param: str, max_pixels: int | None) -> Any:
+    """``model.prepare_image(src, fast=True)`` (plan from the header, reduced decode), with load
+    errors answered as :func:`load_checked` answers them."""
+    try:
+        return model.prepare_image(src, fast=True, max_pixels=max_pixels)
     except ImageLoadError as e:
         raise _load_error(e, param) from None
 

@@ -33,7 +33,7 @@ from ..text import IMAGE_TOKEN
 from .config import ServeConfig
 from .engine import GenRequest, SamplingParams
 from .errors import APIError, bad_request
-from .media import checked_size, load_checked, resolve_image_url
+from .media import checked_size, load_checked, prepare_checked, resolve_image_url
 from .protocol import ChatRequest, PlanRequest
 
 
@@ -135,8 +135,10 @@ class Service:
             raise self._too_long(text_tokens, visual, req.max_tokens)
         images = []
         for (src, param), plan in zip(sources, plans):
-            img = load_checked(src, param, cfg.max_image_pixels)
-            images.append(self.model.prepare_image(img))
+            if cfg.fast_decode:
+                images.append(prepare_checked(self.model, src, param, cfg.max_image_pixels))
+            else:
+                images.append(self.model.prepare_image(load_checked(src, param, cfg.max_image_pixels)))
         left = self.max_model_len - prompt
         max_tokens = req.max_tokens if req.max_tokens is not None else min(left, cfg.default_max_tokens or left)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,

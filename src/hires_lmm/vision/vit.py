@@ -101,6 +101,13 @@ def _read_model_type(path: str) -> str:
         return str(json.load(f).get("model_type", ""))
 
 
+def _has_user_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks on ``module`` other than transformers' output-capturing ones, which do
+    nothing unless transformers itself is collecting outputs inside its own forward."""
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    return any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
+
+
 class ViT(nn.Module):
     """CLIP / SigLIP ViT returning LLaVA-style patch features at any input size.
 
@@ -404,17 +411,19 @@ class ViT(nn.Module):
     def packable(self, n_run: int | None = None) -> bool:
         """Whether the first ``n_run`` blocks (default: those `forward` runs) can run packed:
         transformers' own CLIP/SigLIP encoder layers, with no hooks that expect (B, T, d) blocks
-        or calls of `forward` (a hook on this module sees every batched call of the grouped path)."""
+        or calls of `forward` (a hook on this module sees every batched call of the grouped path).
+        transformers' own output-capturing hooks (installed for good by the first call with
+        ``output_hidden_states=True``, inactive outside such a call) do not count."""
         n_run = self.select_layer_index() if n_run is None else n_run
-        if self._forward_hooks or self._forward_pre_hooks:
+        if _has_user_hooks(self):
             return False
         for layer in self.layers[:n_run]:
-            if type(layer).__name__ not in _PACKABLE_LAYERS or layer._forward_hooks or layer._forward_pre_hooks:
+            if type(layer).__name__ not in _PACKABLE_LAYERS or _has_user_hooks(layer):
                 return False
             attn = getattr(layer, "self_attn", None)
             if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
                 return False
-            if attn._forward_hooks or attn._forward_pre_hooks:
+            if _has_user_hooks(attn):
                 return False
         return True
 
