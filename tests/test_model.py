@@ -190,6 +190,19 @@ def test_generate_batch_matches_single_and_stops(models):
         assert cut == full[: full.find(stop)]
 
 
+def test_generate_stop_strings_anywhere_in_a_long_output(models):
+    """Stops are looked for in the last few tokens only; a stop completing late in a long output
+    (beyond that window from the start) still cuts exactly where a search of the whole text would."""
+    model = models["llava-uhd"]
+    img = [[rand_image((640, 480), 11)]]
+    full = model.generate(["<image> Go on."], img, max_new_tokens=48)[0]
+    assert len(full) >= 30, full  # random weights: no EOS this early
+    for k in (1, len(full) // 2, len(full) - 4):
+        stop = full[k:k + 3]
+        cut = model.generate(["<image> Go on."], img, max_new_tokens=48, stop=["@@never@@", stop])[0]
+        assert cut == full[: full.find(stop)]
+
+
 def test_generate_sampling_is_seeded(models):
     model = models["llava-1.5"]
     img = [[rand_image((400, 300), 1)]]

@@ -260,6 +260,9 @@ class HiresLMM(nn.Module):
         generated: list[list[int]] = [[] for _ in range(B)]
         texts_out: list[str | None] = [None] * B  # set when a stop string ends a sequence
         next_pos = pos[:, -1:] + 1
+        # tokens a stop string can span: a character may take up to 4 byte-fallback tokens; two more
+        # keep its first token off the tail's edge, where a tokenizer may drop a leading space
+        tail = 4 * max((len(s) for s in stop), default=0) + 2
         for _ in range(max_new_tokens):
             nxt = self._pick(logits.float(), temperature, top_p, gen)
             for i in range(B):
@@ -270,7 +273,9 @@ class HiresLMM(nn.Module):
                     done[i] = True
                     continue
                 generated[i].append(t)
-                if stop:
+                # a stop string that just completed lies within the last few tokens: decode that
+                # tail only (not the whole text again every step), the whole text once it matches
+                if stop and any(s in tok.decode(generated[i][-tail:], skip_special_tokens=True) for s in stop):
                     text = tok.decode(generated[i], skip_special_tokens=True)
                     cut = min((text.find(s) for s in stop if s in text), default=-1)
                     if cut >= 0:
