@@ -138,6 +138,24 @@ def test_viewing_scales_follow_the_plans():
             assert max(s for v in plan.views if (s := view_scale(plan, v)) is not None) >= 1.0, (m, size)
 
 
+def test_tiny_model_with_a_pretrained_tiny_llm(tmp_path):
+    """``build_model(tiny=True, llm=DIR)``: the LLM's weights and tokenizer come from DIR (a tiny
+    LLM trained elsewhere), the encoders and connector are the tiny preset's."""
+    src = build_model("llava-1.5", tiny=True, words=["red", "green", "blue"], seed=3)
+    src.llm.save_pretrained(tmp_path / "llm")
+    src.tokenizer.save_pretrained(tmp_path / "llm")
+    m = build_model("llava-uhd", tiny=True, llm=tmp_path / "llm", seed=4)
+    assert m.tokenizer.get_vocab() == src.tokenizer.get_vocab()
+    for (n, a), (_, b) in zip(src.llm.state_dict().items(), m.llm.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert m.config.text_config["hidden_size"] == src.llm.config.hidden_size
+    fresh = build_model("llava-uhd", tiny=True, words=["red", "green", "blue"], seed=4)
+    assert not torch.equal(fresh.llm.get_input_embeddings().weight, m.llm.get_input_embeddings().weight)
+    m.save_pretrained(tmp_path / "uhd")  # and it round-trips like any model
+    back = type(m).from_pretrained(tmp_path / "uhd")
+    assert torch.equal(back.llm.get_input_embeddings().weight, m.llm.get_input_embeddings().weight)
+
+
 # --- the whole demo, miniature ---------------------------------------------------------------------------
 
 def test_demo_end_to_end_miniature(tmp_path, capsys):

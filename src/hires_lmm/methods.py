@@ -99,8 +99,9 @@ def build_model(method: str, *, tiny: bool = False, vision: str | os.PathLike | 
         method: one of :data:`hires_lmm.plan.METHODS`.
         tiny: the tiny preset; otherwise ``vision`` (a CLIP/SigLIP directory) and ``llm`` (any
             causal LM directory with its tokenizer) are required, plus ``convnext`` for LLaVA-HR.
-            With ``tiny``, ``vision`` / ``convnext`` directories replace the tiny random encoders
-            (the demo pretrains tiny encoders and gives them to every method).
+            With ``tiny``, ``vision`` / ``convnext`` / ``llm`` directories replace the tiny random
+            encoders and LLM (the demo pretrains tiny ones and gives them to every method); a tiny
+            ``llm`` brings its own tokenizer, so ``words`` is then unused.
         seed: seeds the random initialisation of every new part.
         words: whole-word tokens of the tiny tokenizer (:func:`hires_lmm.text.build_byte_tokenizer`).
         connector: overrides of the connector hyper-parameters.
@@ -110,12 +111,16 @@ def build_model(method: str, *, tiny: bool = False, vision: str | os.PathLike | 
     torch.manual_seed(seed)
     p = PRESETS[method]
     if tiny:
+        lm = None
         if llm is not None:
-            raise ValueError("a tiny model builds its own LLM; drop --llm or --tiny")
-        tok = build_byte_tokenizer(words)
+            lm, tok = load_llm(llm, torch_dtype)
+        else:
+            tok = build_byte_tokenizer(words)
         config = tiny_config(method, len(tok), **connector)
+        if lm is not None:
+            config.text_config = lm.config.to_dict()
         vit, cnx = _load_encoders(config, vision, convnext if p.needs_convnext else None)
-        return build_from_config(config, tok, vit=vit, convnext=cnx).eval()
+        return build_from_config(config, tok, llm=lm, vit=vit, convnext=cnx).eval()
     if vision is None or llm is None:
         raise ValueError("a full-size model needs --vision DIR and --llm DIR (or use --tiny)")
     if p.needs_convnext and convnext is None:
