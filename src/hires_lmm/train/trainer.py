@@ -220,7 +220,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     stage: Stage = get_stage(cfg.method, cfg.stage, cfg.lr)
     groups = apply_stage(model, stage)
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        # transformers >= 5.x renamed it (the old name warns and goes in v6)
+        enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
+        enable()
         model.visual.vit.gradient_checkpointing = True
         if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
             model.visual.vision_tower.convnext.gradient_checkpointing = True
