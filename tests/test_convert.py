@@ -877,3 +877,53 @@ def test_inf_llava_bottleneck_and_variant_from_the_checkpoint(converted):
     assert conv.config.connector == {"projector": "mlp2x_gelu", "heads": 8, "bottleneck": 2, "variant": "code"}
     dem = conv.visual.spatial_embed.spatial_embed
     assert dem.attention.num_heads == 8 and dem.ffn_crop[0].out_features == 2
+
+
+def test_index_naming_files_outside_the_checkpoint_is_refused(tmp_path, hf_next):
+    """Issue 14: a weights index pointing at ../elsewhere must not be read (nor torch.load-ed)."""
+    import shutil
+
+    from hires_lmm.convert.io import weight_files
+
+    _hf, _tok, src, _out, _ = hf_next
+    ck = tmp_path / "ck"
+    shutil.copytree(src, ck)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    shutil.move(ck / shard, tmp_path / shard)
+    index["weight_map"] = {k: f"../{v}" if v == shard else v for k, v in index["weight_map"].items()}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=r"outside .*ck.*refused"):
+        weight_files(ck)
+    assert run_cli("convert", "--from", "auto", str(ck), str(tmp_path / "o")) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_that_is_not_utf8_or_not_an_object_is_refused(tmp_path, hf_llava):
+    import shutil
+
+    from hires_lmm.convert.io import read_config
+
+    _hf, _tok, src, _out, _ = hf_llava
+    ck = tmp_path / "ck"
+    shutil.copytree(src, ck)
+    (ck / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConversionError, match=r"config.json: not UTF-8"):
+        read_config(ck)
+    (ck / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConversionError, match=r"config.json: expected a JSON object, got list"):
+        read_config(ck)
+
+
+def test_converted_directory_has_umask_permissions(hf_llava):
+    """Issue 14: not mkdtemp's 0700 nor safetensors' 0600 (the fixture ran under this umask)."""
+    import os
+
+    _hf, _tok, _src, out, _ = hf_llava
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    files = list(out.iterdir())
+    assert {"model.safetensors", "config.json", "conversion.json"} <= {f.name for f in files}
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

@@ -11,17 +11,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+# the error classes live in a leaf module: under ``python -m hires_lmm.cli`` this file is loaded
+# twice, and classes defined here would exist twice (one copy's raise escaping the other's except)
+from .errors import CLIError, HiresError, one_line
 from .plan import METHODS, Plan, parse_size, plan_image
 
-
 #: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
-#: raising :class:`CLIError` prints a clean error with exit status 2)
+#: raising :class:`CLIError`, or any :class:`~hires_lmm.errors.HiresError`, prints a clean
+#: one-line error with exit status 2)
 EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli")
 
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+__all__ = ["CLIError", "EXTENSIONS", "HiresError", "build_parser", "format_cost", "format_plan", "main"]
 
 
 def _methods(text: str) -> list[str]:
@@ -74,15 +76,23 @@ def _merge_groups(plan: Plan) -> list:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .image import ImageLoadError, image_size, load_image
-
     methods = _methods(args.method)
     targets: list[tuple[str | None, tuple[int, int]]] = [(None, s) for s in _sizes(args.size or [])]
-    for path in args.images:
-        try:
-            targets.append((path, image_size(path, max_pixels=args.max_pixels)))
-        except ImageLoadError as e:
-            raise CLIError(str(e)) from None
+    decoded: dict[str, Any] = {}
+    if args.images:
+        # imported only for image paths: planning a bare --size stays pure geometry
+        from .image import ImageLoadError, load_image
+
+        for path in args.images:
+            # decoded in full, not just the header: a truncated file would be planned here and then
+            # refused by predict and serve (load_image's size is the EXIF-oriented one, as planned)
+            try:
+                img = load_image(path, max_pixels=args.max_pixels)
+            except ImageLoadError as e:
+                raise CLIError(one_line(e)) from None
+            targets.append((path, img.size))
+            if args.out:
+                decoded[path] = img  # drawn below; without --out nothing is kept
     if not targets:
         raise CLIError("give --size WxH or one or more image paths")
     if args.out and not any(p for p, _ in targets):
@@ -101,8 +111,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 out = Path(args.out)
                 if n_pictures > 1:
                     out = out.with_name(f"{out.stem}-{Path(path).stem}-{m}{out.suffix or '.png'}")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                draw_plan(load_image(path, max_pixels=args.max_pixels), plan).save(out)
+                try:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    draw_plan(decoded[path], plan).save(out)
+                except (OSError, ValueError) as e:  # unwritable place, unknown image extension
+                    raise CLIError(f"--out {out}: cannot write the picture ({one_line(e)})") from None
                 print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -193,7 +206,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         res = train(cfg)
     except (TrainingError, DataError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(str(e)) from None  # a RecordError lists the bad records, one per line
+    except (OSError, ValueError) as e:
+        # last resort: a user error the trainer does not type yet (an unreadable folder, a bad
+        # value) prints as one line; typed errors subclass HiresError and are caught in main
+        raise CLIError(one_line(e)) from None
     print(json.dumps({"steps": res.steps, "final_loss": res.final_loss, "output_dir": res.output_dir,
                       "stopped_by": res.stopped_by, "skipped_records": res.skipped_records}))
     return 0
@@ -341,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except CLIError as e:
         print(f"hires {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except HiresError as e:  # any typed user error of the package (model, data, training, ...)
+        print(f"hires {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `hires plan ... | head`
         return 0

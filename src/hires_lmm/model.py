@@ -308,7 +308,8 @@ class HiresLMM(nn.Module):
         """Write config.json, model.safetensors (sharded with an index when large) and the
         tokenizer files (with its chat template). Written to a temporary directory first and
         moved into place (config.json last), so an interrupted save never leaves a half-written
-        file; other files already in ``path`` (checkpoints, metrics) are left alone."""
+        file; other files already in ``path`` (checkpoints, metrics) are left alone. The new
+        directory and files get the user's umask permissions, like any other file they write."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
@@ -326,6 +327,15 @@ class HiresLMM(nn.Module):
             if split.is_sharded:
                 (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(
                     {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
+            # mkdtemp makes the directory 0700 and safetensors writes its files 0600: give both the
+            # permissions a plain mkdir / open would (0777 / 0666 less the umask), or a model saved
+            # for a group or a server to read would be unreadable to it
+            umask = os.umask(0o22)
+            os.umask(umask)
+            for f in tmp.iterdir():
+                if f.is_file() and not f.is_symlink():
+                    os.chmod(f, 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask)
             if not path.exists():
                 os.replace(tmp, path)
             else:  # move file by file, config.json last; other files in the directory are kept
@@ -353,31 +363,116 @@ class HiresLMM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> "HiresLMM":
-        """Load a directory written by :meth:`save_pretrained`; refuses missing or unexpected weights."""
+        """Load a directory written by :meth:`save_pretrained`.
+
+        Refuses, with a one-line :class:`~hires_lmm.errors.ModelLoadError` (a ValueError; a
+        missing directory or config.json is a :class:`~hires_lmm.errors.ModelNotFoundError`, also
+        a FileNotFoundError) naming the file and the problem: a config.json that is not valid JSON
+        or not a hires-lmm config, one without the ``<image>`` placeholder (or a tokenizer without
+        its token: images would never be spliced), a weights index naming files outside the
+        directory, only ``.bin`` weights, an unreadable weights file, and weights whose names or
+        shapes do not match the config (e.g. a changed hidden size).
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from .errors import ModelLoadError, ModelNotFoundError, one_line
         from .methods import build_from_config
+        from .text import IMAGE_TOKEN
 
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json; not a hires-lmm model directory")
-        config = HiresConfig.from_pretrained(path)
-        # config= spares AutoTokenizer a second, generic read of config.json (which warns)
-        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-        model = build_from_config(config, tokenizer)
-        if (path / WEIGHTS_INDEX_NAME).exists():
-            files = sorted(set(json.loads((path / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
-        else:
-            files = [WEIGHTS_NAME]
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelNotFoundError(f"{path}: no config.json; not a hires-lmm model directory")
+        # read and checked here first: transformers' own errors for a broken file are long,
+        # multi-line and do not always name it
+        try:
+            raw = json.loads(cfg_file.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{cfg_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except OSError as e:
+            raise ModelLoadError(f"{cfg_file}: cannot read it ({one_line(e)})") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+        if raw.get("model_type") != HiresConfig.model_type:
+            raise ModelLoadError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, not {HiresConfig.model_type!r}; "
+                                 "not a hires-lmm model (a released checkpoint? convert it with `hires convert`)")
+        # the model splices images at <image> only: a config naming no placeholder (or another one)
+        # would load and then never see an image, answering from the text alone
+        if raw.get("image_token") != IMAGE_TOKEN:
+            what = "has no image_token" if raw.get("image_token") in (None, "") else f"has image_token {raw['image_token']!r}"
+            raise ModelLoadError(f"{cfg_file}: {what}; hires-lmm models splice images at {IMAGE_TOKEN!r}")
+        try:
+            config = HiresConfig.from_pretrained(path)
+            config.llm_config()  # a text_config transformers cannot rebuild fails here, named
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise ModelLoadError(f"{cfg_file}: not a usable hires-lmm config ({one_line(e)})") from None
+        try:
+            # config= spares AutoTokenizer a second, generic read of config.json (which warns)
+            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
+        except Exception as e:  # noqa: BLE001 - any failure here is a broken tokenizer file
+            raise ModelLoadError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {one_line(e)})") from None
+        tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tid is None or tid == tokenizer.unk_token_id:
+            # HiresLMM would add it afresh, with an embedding row the saved weights never trained
+            raise ModelLoadError(f"{path}: the tokenizer has no {IMAGE_TOKEN!r} token; not a directory "
+                                 "written by save_pretrained")
+        def weight_files() -> list[str]:
+            """The safetensors files: the index's (each inside ``path``) or model.safetensors."""
+            index = path / WEIGHTS_INDEX_NAME
+            if not index.exists():
+                if (path / WEIGHTS_NAME).is_file():
+                    return [WEIGHTS_NAME]
+                bins = sorted(p.name for p in path.glob("*.bin"))
+                if bins:
+                    # torch.load of a .bin can run code from the file; hires-lmm loads safetensors only
+                    raise ModelLoadError(f"{path}: only .bin weights ({', '.join(bins[:3])}); hires-lmm loads "
+                                         f"{WEIGHTS_NAME} only (re-save the model with save_pretrained, or `hires convert` it)")
+                raise ModelLoadError(f"{path}: no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME})")
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ModelLoadError(f"{index}: not a weights index with a weight_map ({one_line(e)})") from None
+            root = path.resolve()
+            for f in files:
+                # resolved (symlinks too) and kept inside the directory: an index naming ../elsewhere
+                # must not make loading read files the directory does not hold
+                target = (path / f).resolve() if isinstance(f, str) and f else None
+                if target is None or not target.is_relative_to(root) or target == root:
+                    raise ModelLoadError(f"{index}: weight file {f!r} is not a file inside {path}; refused")
+                if not target.is_file():
+                    raise ModelLoadError(f"{index}: names {f!r}, which is not in {path}")
+            return files
+
+        files = weight_files()
+        try:
+            model = build_from_config(config, tokenizer)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # e.g. heads not dividing hidden_size
+            raise ModelLoadError(f"{cfg_file}: cannot build the model it describes ({one_line(e)})") from None
         state: dict[str, torch.Tensor] = {}
+        where: dict[str, str] = {}
         for f in files:
-            state.update(load_file(path / f))
-        expected = set(model.state_dict())
-        tied = expected - set(model._dedup_state_dict())
-        missing = sorted(expected - set(state) - tied)
-        unexpected = sorted(set(state) - expected)
+            try:
+                part = load_file(path / f)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"{path / f}: not a readable safetensors file ({one_line(e)})") from None
+            state.update(part)
+            where.update(dict.fromkeys(part, f))
+        expected = model.state_dict()
+        tied = set(expected) - set(model._dedup_state_dict())
+        missing = sorted(set(expected) - set(state) - tied)
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the config; missing {missing[:20]}, unexpected {unexpected[:20]}")
+            raise ModelLoadError(f"{path}: weights do not match the config; missing {missing[:20]}, unexpected {unexpected[:20]}")
+        shapes = [f"{n} is {tuple(state[n].shape)} in {where[n]} but {tuple(expected[n].shape)} for config.json"
+                  for n in sorted(state) if tuple(state[n].shape) != tuple(expected[n].shape)]
+        if shapes:  # e.g. a changed hidden_size: load_state_dict's error would be a multi-line traceback
+            more = f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""
+            raise ModelLoadError(f"{path}: {len(shapes)} weight(s) do not match the shapes config.json asks for: "
+                                 + "; ".join(shapes[:5]) + more)
         model.load_state_dict(state, strict=False)
         if hasattr(model.llm, "tie_weights"):
             model.llm.tie_weights()
@@ -386,7 +481,6 @@ class HiresLMM(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
-
 
 def load_llm(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any Hugging Face causal LM and its tokenizer from a local directory."""

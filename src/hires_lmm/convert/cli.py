@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli import CLIError
+from ..errors import CLIError, one_line
 from .errors import ConversionError
 from .formats import FORMATS
 
@@ -47,6 +47,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                     connector=_connector_overrides(args.connector))
     except (ConversionError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # an unreadable checkpoint file, an unwritable output directory, a full disk
+        raise CLIError(one_line(e)) from None
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -70,7 +72,7 @@ def cmd_logits(args: argparse.Namespace) -> int:
     try:
         model = HiresLMM.from_pretrained(args.model, device=args.device)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise CLIError(f"cannot load {args.model}: {e}") from None
+        raise CLIError(f"cannot load {args.model}: {one_line(e)}") from None
     tok = model.tokenizer
     ids = tok(args.text, add_special_tokens=not args.no_special_tokens).input_ids
     images = args.image or []

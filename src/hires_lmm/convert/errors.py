@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from ..errors import HiresError
+
 __all__ = ["ConversionError"]
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted faithfully: the message names every problem."""
+class ConversionError(HiresError, ValueError):
+    """A checkpoint that cannot be converted faithfully: the message names every problem.
+
+    A :class:`~hires_lmm.errors.HiresError`, so the ``hires`` command prints it without a
+    traceback wherever it is raised."""

@@ -33,9 +33,14 @@ def read_config(src: Path) -> dict[str, Any]:
     if not f.is_file():
         raise ConversionError(f"{src}: no config.json; not a Hugging Face style checkpoint directory")
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        raw = json.loads(f.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):  # a list or a number would fail later with an AttributeError
+        raise ConversionError(f"{f}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -45,9 +50,17 @@ def weight_files(src: Path) -> tuple[list[Path], dict[str, str] | None]:
         if idx.is_file():
             try:
                 weight_map = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                files = sorted(set(weight_map.values()))
+                if not all(isinstance(f, str) and f for f in files):
+                    raise TypeError("weight_map values must be file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ConversionError(f"{idx}: not a weight index ({e!r})") from None
-            files = sorted(set(weight_map.values()))
+            root = src.resolve()
+            # resolved (symlinks too), then kept inside the checkpoint: an index naming
+            # ../elsewhere must not make the conversion read (or torch.load) files outside it
+            outside = [f for f in files if not (src / f).resolve().is_relative_to(root) or (src / f).resolve() == root]
+            if outside:
+                raise ConversionError(f"{idx} names weight file(s) outside {src}: {outside}; refused")
             missing = [f for f in files if not (src / f).is_file()]
             if missing:
                 raise ConversionError(f"{idx} names shard(s) that are not in {src}: {missing}")

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..image import ImageLoadError
 from ..text import IMAGE_TOKEN
-from .records import DataError, Record, VisualTokenCounter, check_image, resolve_image
+from .records import DataError, Record, VisualTokenCounter, check_image, contained_image, resolve_image
 from .templates import ChatTemplate, TemplateError, check_alignment, get_template, single_token_id
 
 
@@ -81,10 +81,13 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """``id``; ``input_ids`` and ``labels``: LongTensor (T,); ``images``: absolute paths in
-        placeholder order; ``num_text_tokens``: T; ``image_inputs`` when ``model_prepare`` is set."""
+        placeholder order; ``num_text_tokens``: T; ``image_inputs`` when ``model_prepare`` is set.
+        Raises :class:`DataError` for an image outside ``image_folder`` (symlinks resolved)."""
         r = self.records[i]
         ids, labels = self.encode(r)
-        paths = [resolve_image(self.image_folder, p) for p in r.images]
+        # refused here too, not only by validate: a dataset built from unvalidated records must
+        # not read files outside the image folder either
+        paths = [contained_image(self.image_folder, p, self._where(r)) for p in r.images]
         item: dict[str, Any] = {
             "id": r.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -111,7 +114,8 @@ class LlavaDataset(Dataset):
             raise ValueError("lengths() needs the method to count visual tokens: pass method= "
                              "(or model_prepare=model.prepare_image)")
         show = len(self.records) >= 10_000 if progress is None else progress
-        paths = list(dict.fromkeys(resolve_image(self.image_folder, p) for r in self.records for p in r.images))
+        paths = list(dict.fromkeys(contained_image(self.image_folder, p, self._where(r))
+                                   for r in self.records for p in r.images))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
             sizes = dict(zip(paths, tqdm(pool.map(check_image, paths), total=len(paths), desc="image sizes",
                                          disable=not show)))

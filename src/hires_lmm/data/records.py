@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import HiresError
 from ..image import ImageLoadError, image_size, load_image
 from ..plan import plan_image
 from ..text import IMAGE_TOKEN
@@ -35,7 +36,7 @@ from .templates import IGNORE_INDEX, ROLES, ChatTemplate, get_template
 STRATEGIES = ("all", "first", "end", "random")
 
 
-class DataError(ValueError):
+class DataError(HiresError, ValueError):
     """Training data that cannot be used; the message names the file (and record)."""
 
 
@@ -63,6 +64,9 @@ class Record:
         source: the data file it came from.
         index: its position in that file (before any sampling).
         problems: what was wrong with its fields when loaded (reported by :func:`check_record`).
+        auto_id: the id was made up from the file and index (the record had none): such ids are
+            unique per file, so :func:`validate` does not report them as duplicates.
+        unreadable: a JSONL line that is not UTF-8 or not JSON (its problem names the line).
     """
 
     id: str
@@ -71,6 +75,8 @@ class Record:
     source: str = ""
     index: int = 0
     problems: list[str] = field(default_factory=list, repr=False)
+    auto_id: bool = field(default=False, repr=False)
+    unreadable: bool = field(default=False, repr=False)
 
 
 class Problem(NamedTuple):
@@ -96,37 +102,67 @@ def _format_problems(problems: Sequence[Problem], total_records: int | None, lim
 
 # --- loading -------------------------------------------------------------------------------------
 
-def _read_json_list(path: Path) -> list[Any]:
-    """Records of a JSON list file or a JSONL file (one object per line; blank lines skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not JSON
-    except FileNotFoundError:
-        raise DataFileNotFoundError(f"data file {str(path)!r}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {str(path)!r}: not UTF-8 text ({e})") from None
-    stripped = text.lstrip()
-    if path.suffix.lower() != ".jsonl":
+class BadLine(NamedTuple):
+    """A JSONL line that is not a record: kept in its place so that it becomes a bad record
+    (reported by id and file, skipped by ``--skip-bad``) instead of refusing the whole file."""
+
+    lineno: int
+    message: str
+
+
+def _read_json_lines(path: Path, data: bytes) -> list[Any]:
+    """Objects of a JSONL file, one per non-blank line; a line that is not UTF-8 or not JSON
+    becomes a :class:`BadLine` naming its line number."""
+    out: list[Any] = []
+    # split on "\n" only, on the bytes: str.splitlines would also split inside a JSON string at
+    # U+2028 and friends, and one undecodable line must not make the others unreadable
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if not (e.msg.startswith("Extra data") and stripped.startswith("{")):
-                raise DataError(f"data file {str(path)!r}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-            data = None  # one object per line in a .json file: read it as JSONL
-        if data is not None:
-            if isinstance(data, dict) and stripped.startswith("{") and "conversations" in data:
-                return [data]
-            if not isinstance(data, list):
-                raise DataError(f"data file {str(path)!r}: expected a JSON list of records, got {type(data).__name__}")
-            return data
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is not JSON
+        except UnicodeDecodeError as e:
+            out.append(BadLine(lineno, f"line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"))
+            continue
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"data file {str(path)!r}, line {lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+            out.append(BadLine(lineno, f"line {lineno}: malformed JSON at column {e.colno}: {e.msg}"))
     return out
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    """Records of a JSON list file or a JSONL file (one object per line; blank lines skipped;
+    a broken line is a :class:`BadLine` in its place)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"data file {str(path)!r}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"data file {str(path)!r}: is a directory") from None
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r}: cannot read it ({e.strerror or e})") from None
+    if path.suffix.lower() == ".jsonl":
+        return _read_json_lines(path, data)
+    try:
+        text = data.decode("utf-8-sig")  # a BOM is not JSON
+    except UnicodeDecodeError as e:
+        if data.lstrip().startswith(b"{"):  # JSON lines in a .json file: read line by line
+            return _read_json_lines(path, data)
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"data file {str(path)!r}: not UTF-8 text at line {line} ({e.reason})") from None
+    stripped = text.lstrip()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        if not (e.msg.startswith("Extra data") and stripped.startswith("{")):
+            raise DataError(f"data file {str(path)!r}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return _read_json_lines(path, data)  # one object per line in a .json file: read it as JSONL
+    if isinstance(parsed, dict) and stripped.startswith("{") and "conversations" in parsed:
+        return [parsed]
+    if not isinstance(parsed, list):
+        raise DataError(f"data file {str(path)!r}: expected a JSON list of records, got {type(parsed).__name__}")
+    return parsed
 
 
 def _image_list(raw: Mapping[str, Any], problems: list[str]) -> list[str]:
@@ -163,11 +199,14 @@ def make_record(raw: Any, *, source: str = "", index: int = 0, image_first: bool
     ``<image>`` gets it moved to its start followed by "\\n" (what LLaVA-1.5/NeXT trained on).
     """
     problems: list[str] = []
+    auto = f"{Path(source).name}#{index}"
+    if isinstance(raw, BadLine):  # a JSONL line that could not be read
+        return Record(auto, [], [], source, index, [raw.message], auto_id=True, unreadable=True)
     if not isinstance(raw, Mapping):
-        return Record(f"{Path(source).name}#{index}", [], [], source, index,
-                      [f"is a JSON {type(raw).__name__}, not an object"])
+        return Record(auto, [], [], source, index, [f"is a JSON {type(raw).__name__}, not an object"], auto_id=True)
     rid = raw.get("id")
-    rid = f"{Path(source).name}#{index}" if rid is None or rid == "" else str(rid)
+    auto_id = rid is None or rid == ""
+    rid = auto if auto_id else str(rid)
     images = _image_list(raw, problems)
     conv = raw.get("conversations")
     if isinstance(conv, list):
@@ -182,7 +221,7 @@ def make_record(raw: Any, *, source: str = "", index: int = 0, image_first: bool
                 v = t.get("value") if isinstance(t, dict) else None
                 if isinstance(v, str) and v.count(IMAGE_TOKEN) == 1 and not v.startswith(IMAGE_TOKEN):
                     t["value"] = (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip()
-    return Record(rid, images, conv, source, index, problems)  # type: ignore[arg-type]
+    return Record(rid, images, conv, source, index, problems, auto_id=auto_id)  # type: ignore[arg-type]
 
 
 def check_record(record: Record) -> list[str]:
@@ -190,7 +229,8 @@ def check_record(record: Record) -> list[str]:
     problems = list(record.problems)
     conv = record.conversations
     if not isinstance(conv, list) or not conv:
-        problems.append("has no conversations")
+        if not record.unreadable:  # an unreadable JSONL line has none by construction: its problem says why
+            problems.append("has no conversations")
         return problems
     for i, t in enumerate(conv):
         if not isinstance(t, Mapping):
@@ -269,6 +309,8 @@ def _load_yaml(path: Path, *, image_first: bool, seed: int) -> list[Record]:
         spec = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataFileNotFoundError(f"data mixture {str(path)!r}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"data mixture {str(path)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise DataError(f"data mixture {str(path)!r}: malformed YAML ({e})") from None
     entries = spec.get("datasets") if isinstance(spec, dict) else None
@@ -323,6 +365,32 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike], *, stri
 def resolve_image(image_folder: str | os.PathLike | None, path: str) -> str:
     """Absolute path of an image entry (absolute entries are kept)."""
     return os.path.abspath(os.path.join(os.fspath(image_folder), path) if image_folder is not None else path)
+
+
+def outside_folder(image_folder: str | os.PathLike | None, path: str) -> str | None:
+    """The problem of an image entry that leaves ``image_folder`` (None when it stays inside, or
+    without a folder): ``../x.png``, an absolute path elsewhere, or a symlink pointing out.
+
+    Both sides are resolved (symlinks followed) before the check, so a link inside the folder to a
+    file elsewhere is refused, and a folder that is itself a link works. A missing file resolves
+    as far as it exists; it is reported as missing later if it stays inside.
+    """
+    if image_folder is None:
+        return None
+    root = os.path.realpath(os.fspath(image_folder))
+    target = os.path.realpath(resolve_image(image_folder, path))
+    if target == root or os.path.commonpath([root, target]) != root:
+        return f"image {path!r} is outside the image folder {os.fspath(image_folder)!r} (resolves to {target!r}); refused"
+    return None
+
+
+def contained_image(image_folder: str | os.PathLike | None, path: str, where: str = "") -> str:
+    """:func:`resolve_image`, raising :class:`DataError` (prefixed by ``where``) for an entry
+    outside ``image_folder`` (:func:`outside_folder`)."""
+    problem = outside_folder(image_folder, path)
+    if problem:
+        raise DataError(f"{where}: {problem}" if where else problem)
+    return resolve_image(image_folder, path)
 
 
 _TAIL = 4096
@@ -443,8 +511,13 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
         raise ValueError("validate needs the method to count visual tokens against max_length")
     show = len(records) >= 10_000 if progress is None else progress
     sizes: dict[str, tuple[tuple[int, int] | None, str | None]] = {}
+    # entries that leave the image folder are problems of their records and never opened
+    escapes = {p: err for p in dict.fromkeys(p for r in records for p in r.images)
+               if (err := outside_folder(image_folder, p))}
+    first_of: dict[str, tuple[str, int]] = {}  # explicit id -> (source, index) of its first record
     if check_images:
-        paths = list(dict.fromkeys(resolve_image(image_folder, p) for r in records for p in r.images))
+        paths = list(dict.fromkeys(resolve_image(image_folder, p) for r in records for p in r.images
+                                   if p not in escapes))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
             results = pool.map(lambda p: check_image(p, check_images), paths)
             for p, res in zip(paths, tqdm(results, total=len(paths), desc="images", disable=not show)):
@@ -461,8 +534,18 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
         encs = dict(zip(todo, tpl.encode_many(tokenizer, [chunk[k].conversations for k in todo], add_bos=add_bos)))
         for k, r in enumerate(chunk):
             mine = [Problem(r.id, r.source, m) for m in structural[k]]
+            if not r.auto_id:
+                # the same (source, index) again is the same record listed twice (a mixture naming
+                # a file twice to upweight it), not a clash
+                first = first_of.setdefault(r.id, (r.source, r.index))
+                if first != (r.source, r.index):
+                    mine.append(Problem(r.id, r.source, f"duplicate id: record #{r.index} has the id of "
+                                                        f"record #{first[1]} of {first[0]}"))
+            mine += [Problem(r.id, r.source, escapes[p]) for p in r.images if p in escapes]
             known: list[tuple[int, int]] = []
             for p in r.images if check_images else []:
+                if p in escapes:
+                    continue
                 size, err = sizes[resolve_image(image_folder, p)]
                 if err:
                     mine.append(Problem(r.id, r.source, err))
@@ -501,6 +584,7 @@ def iter_images(records: Iterable[Record], image_folder: str | os.PathLike | Non
     return list(dict.fromkeys(resolve_image(image_folder, p) for r in records for p in r.images))
 
 
-__all__ = ["DataError", "DataFileNotFoundError", "Problem", "Record", "RecordError", "STRATEGIES", "ValidationReport",
-           "VisualTokenCounter", "check_image", "check_record", "count_placeholders", "iter_images", "load_records",
-           "make_record", "parse_sampling", "resolve_image", "sample_indices", "validate"]
+__all__ = ["BadLine", "DataError", "DataFileNotFoundError", "Problem", "Record", "RecordError", "STRATEGIES",
+           "ValidationReport", "VisualTokenCounter", "check_image", "check_record", "contained_image",
+           "count_placeholders", "iter_images", "load_records", "make_record", "outside_folder", "parse_sampling",
+           "resolve_image", "sample_indices", "validate"]

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
+# from the leaf module: the same class however the CLI was started (python -m loads it twice)
+from ..errors import CLIError, ModelLoadError, one_line
 
 METRIC_NAMES = ("vqa", "anls", "relaxed", "exact", "mc")
 
@@ -31,10 +32,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       template=args.template, num_shards=num_shards, shard=shard, progress=not args.no_progress,
                       model_id=args.model_id, seed=args.seed, retry_errors=args.retry_errors, device=args.device,
                       fast_decode=args.fast_decode)
-    except (FileNotFoundError, ImageLoadError) as e:
-        raise CLIError(str(e)) from None
+    except (FileNotFoundError, ImageLoadError, ModelLoadError) as e:
+        raise CLIError(one_line(e)) from None
     except ValueError as e:  # a malformed question file, an unknown template
-        raise CLIError(str(e)) from None
+        raise CLIError(one_line(e)) from None
     print(json.dumps(res.to_json()))
     return 0
 
@@ -59,8 +60,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         bot = ChatBot(args.model, args.image, template=args.template, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, device=args.device)
-    except ImageLoadError as e:
-        raise CLIError(str(e)) from None
+    except (ImageLoadError, ModelLoadError) as e:  # a bad --image; a broken model directory
+        raise CLIError(one_line(e)) from None
     if args.question:
         try:
             print(bot.ask(" ".join(args.question)))
