@@ -62,6 +62,10 @@ def _run_grouped(fn, items: Sequence[Tensor], key) -> list[Tensor]:  # noqa: ANN
 class VisualModule(nn.Module):
     """Base: holds the ViT and the projector (vision width → LLM width)."""
 
+    #: text tokens the module splices between views (their ids must be single tokens of the LLM's
+    #: tokenizer); none for most methods, so any tokenizer works with them
+    separators: tuple[str, ...] = ()
+
     def __init__(self, vit: ViT, d_llm: int, projector: str = "mlp2x_gelu") -> None:
         super().__init__()
         self.vit = vit
@@ -100,6 +104,8 @@ class UHDVisual(VisualModule):
     """Variable-sized slices and overview → ViT at native size → shared resampler (per size group)
     → spatial schema: each slice followed by "," (or "\\n" ending a row), overview last."""
 
+    separators = (",", "\n")
+
     def __init__(self, vit: ViT, d_llm: int, resampler: str = "spatial", grid: int = 12, queries: int = 64,
                  heads: int | None = None) -> None:
         nn.Module.__init__(self)
@@ -133,6 +139,8 @@ class UHDVisual(VisualModule):
 
 class HRVisual(nn.Module):
     """LLaVA-HR: ConvNeXt on the S×S view, ViT on the low-res view, MR-adapters, fusion, projector."""
+
+    separators: tuple[str, ...] = ()
 
     def __init__(self, vit: ViT, convnext: nn.Module, d_llm: int, projector: str = "mlp2x_gelu",
                  gate: str = "scalar", adapters: bool = True) -> None:
@@ -172,6 +180,8 @@ class INFVisual(VisualModule):
 class SlimeVisual(VisualModule):
     """SliME: global view → gated mixture (mlp expert | resampler expert) → ","; local tiles →
     144-query compressor → shared projector → raster order → text-guided selector."""
+
+    separators = (",",)
 
     def __init__(self, vit: ViT, d_llm: int, projector: str = "mlp2x_gelu", global_queries: int = 576,
                  local_queries: int = 144, heads: int = 8, selector_p: float = 0.95,
