@@ -200,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
         max_length=args.max_length, seed=args.seed, save_steps=args.save_steps, keep_last=args.keep_last,
         resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
+        allow_changed=tuple(f.strip().replace("-", "_") for f in args.allow_changed.split(",") if f.strip()),
         group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
         progress=not args.no_progress)
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-steps", type=int, default=100)
     t.add_argument("--keep-last", type=int, default=2)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--allow-changed", default="", metavar="FIELDS", help="with --resume: the arguments that may differ "
+                   "from the resumed run (comma-separated: max_steps, epochs, gradient_checkpointing, mixed_precision)")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
     t.add_argument("--no-group-by-length", action="store_true")

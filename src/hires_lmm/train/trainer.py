@@ -5,9 +5,12 @@ Runs on one CPU for a smoke run or on many GPUs under ``torchrun`` / ``accelerat
 
 * AdamW, cosine schedule with linear warmup, gradient accumulation, gradient clipping.
 * Deterministic global batches (:mod:`.batches`): a resumed run continues exactly.
-* Checkpoints: ``OUT/checkpoints/step-XXXXXXX`` written to a temporary directory and renamed
-  (atomic), the last ``keep_last`` kept; each holds model, optimizer, scheduler and every
-  process's RNG states plus ``trainer_state.json``.
+* Checkpoints (:mod:`.checkpoint`): ``OUT/checkpoints/step-XXXXXXX`` written to a temporary
+  directory and renamed (atomic), the last ``keep_last`` kept; safetensors and JSON only (nothing
+  is unpickled on ``--resume``). ``--resume`` refuses other arguments or data (:mod:`.resume`).
+* Every foreseeable failure (bad arguments, unreadable files, output directory, model directories,
+  checkpoints) raises :class:`TrainingError` (or the data's :class:`~hires_lmm.data.records.DataError`)
+  with a one-line message.
 * SIGINT / SIGTERM: finish the current step, save a checkpoint, exit cleanly (resume with
   ``--resume``). SIGKILL loses at most the steps since the last checkpoint.
 * Metrics: ``OUT/metrics.jsonl`` (loss, learning rate, tokens/s, visual tokens per sample) and a
@@ -23,18 +26,27 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..model import HiresLMM, prepare_image
+from . import checkpoint as ckpt_io
 from .batches import GlobalBatches
+from .errors import CheckpointError, ConfigMismatchError, TrainingError, one_line
+from .resume import OVERRIDABLE, check_same_data, check_same_run, data_fingerprint, truncate_metrics
 from .stages import Stage, apply_stage, get_stage, trainable_state_dict
 
 CKPT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
+STATE_FILE = ckpt_io.STATE_FILE
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+__all__ = ["CheckpointError", "ConfigMismatchError", "TrainConfig", "TrainResult", "TrainingError", "check_config",
+           "train"]
 
 
 @dataclass
@@ -75,10 +87,8 @@ class TrainConfig:
     log_steps: int = 1
     progress: bool = True
     connector: dict[str, Any] | None = None
-
-
-class TrainingError(RuntimeError):
-    """A problem found before or during training, reported without a traceback by the CLI."""
+    #: fields of :data:`~.resume.OVERRIDABLE` a ``--resume`` may change (others are refused)
+    allow_changed: tuple[str, ...] = ()
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -98,7 +108,97 @@ def constant_with_warmup(step: int, total: int, warmup: int) -> float:
 SCHEDULES = {"cosine": cosine_with_warmup, "constant": constant_with_warmup}
 
 
+# --- arguments -----------------------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _argument_problems(cfg: TrainConfig) -> list[str]:
+    """Every bad value of ``cfg`` (checked before anything is built or written)."""
+    problems = []
+    for name, low in (("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("save_steps", 1),
+                      ("keep_last", 1), ("log_steps", 1), ("num_workers", 0)):
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < low:
+            problems.append(f"{name} must be an integer ≥ {low}, got {v!r}")
+    if cfg.max_steps is not None and (not _is_int(cfg.max_steps) or cfg.max_steps < 1):
+        problems.append(f"max_steps must be an integer ≥ 1, got {cfg.max_steps!r}")
+    if not _is_number(cfg.epochs) or cfg.epochs <= 0:
+        problems.append(f"epochs must be a number > 0, got {cfg.epochs!r}")
+    for name in ("weight_decay", "max_grad_norm") + (("lr",) if cfg.lr is not None else ()):
+        v = getattr(cfg, name)
+        if not _is_number(v) or v < 0:
+            problems.append(f"{name} must be a number ≥ 0, got {v!r}")
+    if not _is_number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio <= 1:
+        problems.append(f"warmup_ratio must be between 0 and 1, got {cfg.warmup_ratio!r}")
+    if cfg.lr_schedule not in SCHEDULES:
+        problems.append(f"unknown lr_schedule {cfg.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        problems.append(f"unknown mixed_precision {cfg.mixed_precision!r}; choose from {', '.join(MIXED_PRECISION)}")
+    for name in ("method", "data_path", "output_dir", "stage"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            problems.append(f"{name} must be a non-empty string, got {getattr(cfg, name)!r}")
+    unknown = sorted(set(cfg.allow_changed) - OVERRIDABLE) if isinstance(cfg.allow_changed, (list, tuple)) else None
+    if unknown is None or unknown:
+        problems.append(f"allow_changed {unknown if unknown else cfg.allow_changed!r} not allowed: a resumed run "
+                        f"may change only {', '.join(sorted(OVERRIDABLE))}")
+    if cfg.connector is not None and not isinstance(cfg.connector, dict):
+        problems.append(f"connector must be a dict of connector options, got {type(cfg.connector).__name__}")
+    try:
+        json.dumps(asdict(cfg), allow_nan=False)
+    except (TypeError, ValueError) as e:  # it is saved as train_config.json
+        problems.append(f"the arguments cannot be saved as JSON ({one_line(e, 80)})")
+    return problems
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise one :class:`TrainingError` naming every bad argument of ``cfg``."""
+    problems = _argument_problems(cfg)
+    if problems:
+        raise TrainingError("bad training arguments: " + "; ".join(problems))
+
+
+def _config_json(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as it reads back from ``train_config.json`` (tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _config_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# --- model, stage, data --------------------------------------------------------------------------
+
+def _model_sources(cfg: TrainConfig) -> str:
+    given = [f"--{k} {v}" for k, v in (("init", cfg.init), ("vision", cfg.vision), ("llm", cfg.llm),
+                                       ("convnext", cfg.convnext)) if v]
+    return f" from {', '.join(given)}" if given else ""
+
+
 def _build_model(cfg: TrainConfig) -> HiresLMM:
+    """The model to train, or a :class:`TrainingError` naming the directories that failed."""
+    try:
+        return _construct_model(cfg)
+    except TrainingError:
+        raise
+    except Exception as e:  # a user's model directory fails in library-specific ways (OSError, ValueError,
+        # SafetensorError, KeyError in a config...): all of them are "this directory does not load"
+        raise TrainingError(f"cannot build the {cfg.method} model{_model_sources(cfg)}: "
+                            f"{type(e).__name__}: {one_line(e)}") from None
+
+
+def _construct_model(cfg: TrainConfig) -> HiresLMM:
     from ..methods import build_model
 
     if cfg.init and (Path(cfg.init) / "config.json").exists() and not (Path(cfg.init) / "trainable.safetensors").exists():
@@ -134,23 +234,144 @@ def load_trainable(model: HiresLMM, path: str | os.PathLike) -> list[str]:
     return sorted(state)
 
 
+def _apply_stage(model: HiresLMM, cfg: TrainConfig) -> tuple[Stage, list[dict[str, Any]]]:
+    try:
+        stage = get_stage(cfg.method, cfg.stage, cfg.lr)
+        return stage, apply_stage(model, stage)
+    except ValueError as e:  # unknown stage, or one that trains nothing in this model
+        raise TrainingError(one_line(e)) from None
+
+
+def _template(cfg: TrainConfig, stage: Stage) -> Any:
+    from ..data.templates import get_template
+
+    try:
+        return get_template(cfg.template or stage.template)
+    except ValueError as e:
+        raise TrainingError(one_line(e)) from None
+
+
+def _load_and_validate(cfg: TrainConfig, model: HiresLMM, template: Any, main: bool) -> tuple[list[Any], list[int], int]:
+    """The usable records, their lengths and how many were skipped (``--skip-bad``)."""
+    from ..data.records import DataError, load_records, validate
+
+    try:
+        records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
+        report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
+                          max_length=cfg.max_length, method=cfg.method, plan_options=model.config.plan_options,
+                          progress=cfg.progress and main)
+    except DataError:
+        raise
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise TrainingError(f"cannot read the training data {cfg.data_path}: {one_line(e)}") from None
+    if report.problems:
+        if not cfg.skip_bad:
+            report.raise_if_bad()
+        records = report.ok_records
+        if main:
+            print(f"skipping {report.num_bad} bad record(s) (--skip-bad); first: {report.problems[0]}")
+    if not records:
+        raise TrainingError("no usable records to train on")
+    return records, report.lengths, report.num_bad
+
+
+# --- output directory, resumption ----------------------------------------------------------------
+
 def _prepare_output(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise TrainingError(f"{out} exists and is not empty: pass --resume to continue or --overwrite to replace it")
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists() and not out.is_dir():
+            raise TrainingError(f"--output-dir {out} is a file, not a directory")
+        if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+            raise TrainingError(f"{out} exists and is not empty: pass --resume to continue or --overwrite to replace it")
+        if cfg.overwrite and not cfg.resume and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"--output-dir {out}: {one_line(e)}") from None
     return out
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
-    d = out / CKPT_DIR
-    if not d.is_dir():
-        return None
-    done = [p for p in d.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return ckpt_io.latest(out / CKPT_DIR)
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TrainingError(f"--resume: cannot read {path} ({one_line(e, 120)})") from None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"--resume: {path} does not hold training arguments")
+    return saved
+
+
+def _resume_point(cfg: TrainConfig, out: Path, procs: ckpt_io.Processes) -> tuple[Path | None, dict[str, Any] | None]:
+    """With ``--resume``: the checkpoint to continue from and its trainer state (``None, None``
+    when there is none), after checking this run's arguments are the saved ones (those of the
+    checkpoint, else ``train_config.json`` of a run that saved none)."""
+    if not cfg.resume:
+        return None, None
+    path = latest_checkpoint(out)
+    state = ckpt_io.read_state(path, procs) if path is not None else None
+    if state is not None:
+        saved, where = state.get("config"), str(path)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path}: {STATE_FILE} holds no training arguments")
+    elif (out / CONFIG_FILE).exists():
+        saved, where = _read_saved_config(out / CONFIG_FILE), str(out / CONFIG_FILE)
+    else:
+        return None, None
+    changed = check_same_run(saved, _config_json(cfg), _config_defaults(), allowed=cfg.allow_changed, where=where)
+    if changed and procs.is_main:
+        print(f"--resume: changed on purpose (--allow-changed): {', '.join(changed)}")
+    return path, state
+
+
+def _position(saved: dict[str, Any], path: Path, steps_per_epoch: int) -> dict[str, int]:
+    """The data position of a checkpoint's state, checked: the loop indexes with it."""
+    pos = {k: saved.get(k) for k in ("step", "epoch", "batch_in_epoch", "accelerator_step")}
+    if not all(_is_int(v) and v >= 0 for v in pos.values()) or pos["batch_in_epoch"] > steps_per_epoch:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has no valid step and data position")
+    return pos
+
+
+def _checkpoint_state(state: dict[str, int], accelerator: Any, cfg: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records besides tensors: the data position, accelerate's micro-step
+    counter (gradient accumulation phase), the arguments and the data's fingerprint."""
+    return {**state, "accelerator_step": int(accelerator.step), "config": _config_json(cfg), "data": data}
+
+
+def _save(out: Path, state: dict[str, int], parts: ckpt_io.Parts, procs: ckpt_io.Processes, accelerator: Any,
+          cfg: TrainConfig, data: dict[str, Any]) -> Path:
+    try:
+        return ckpt_io.save(out / CKPT_DIR, state["step"], _checkpoint_state(state, accelerator, cfg, data), parts,
+                            procs, keep_last=cfg.keep_last)
+    except OSError as e:  # a full disk, a vanished directory
+        raise TrainingError(f"cannot write a checkpoint in {out / CKPT_DIR}: {one_line(e)}") from None
+
+
+def _open_metrics(out: Path) -> Any:
+    try:
+        return open(out / METRICS_FILE, "a", encoding="utf-8")
+    except OSError as e:
+        raise TrainingError(f"cannot write {out / METRICS_FILE}: {one_line(e)}") from None
+
+
+def _accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    try:
+        # cpu=True when there is no GPU: accelerate then sets up gloo for torchrun's processes
+        return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
+                           cpu=not torch.cuda.is_available(),
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    except ValueError as e:  # e.g. fp16 on a machine without a GPU
+        raise TrainingError(f"--mixed-precision {cfg.mixed_precision}: {one_line(e)}") from None
 
 
 class _StopFlag:
@@ -198,27 +419,21 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run one training stage (see the module docstring)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
     from ..data.dataset import LlavaDataset, collate
-    from ..data.records import load_records, validate
-    from ..data.templates import get_template
 
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True when there is no GPU: accelerate then sets up gloo for torchrun's processes
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    check_config(cfg)
+    accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
+    procs = ckpt_io.Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
     out = _prepare_output(cfg) if main else Path(cfg.output_dir)
     accelerator.wait_for_everyone()
+    resume_from, saved = _resume_point(cfg, out, procs)  # before anything is built: refuse early
     set_seed(cfg.seed)
 
     model = _build_model(cfg)
-    stage: Stage = get_stage(cfg.method, cfg.stage, cfg.lr)
-    groups = apply_stage(model, stage)
+    stage, groups = _apply_stage(model, cfg)
     if cfg.gradient_checkpointing:
         # transformers >= 5.x renamed it (the old name warns and goes in v6)
         enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
@@ -226,27 +441,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.visual.vit.gradient_checkpointing = True
         if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
             model.visual.vision_tower.convnext.gradient_checkpointing = True
-    template = get_template(cfg.template or stage.template)
+    template = _template(cfg, stage)
     model.config.template = template.name  # recorded in config.json: prediction uses the same template
 
-    records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
-    report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                      max_length=cfg.max_length, method=cfg.method, plan_options=model.config.plan_options,
-                      progress=cfg.progress and main)
-    skipped = report.num_bad
-    if report.problems:
-        if not cfg.skip_bad:
-            report.raise_if_bad()
-        records = report.ok_records
-        if main:
-            print(f"skipping {skipped} bad record(s) (--skip-bad); first: {report.problems[0]}")
-    if not records:
-        raise TrainingError("no usable records to train on")
+    records, lengths, skipped = _load_and_validate(cfg, model, template, main)
+    fingerprint = data_fingerprint(records, lengths)
+    if saved is not None:
+        check_same_data(saved.get("data"), fingerprint, str(resume_from))
     # images are loaded, planned and rendered in the DataLoader (workers when --num-workers > 0)
     prepare = functools.partial(prepare_image, method=cfg.method, plan_options=dict(model.config.plan_options))
     dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
                            model_prepare=prepare, method=cfg.method, plan_options=model.config.plan_options,
-                           lengths=report.lengths)
+                           lengths=lengths)
     plan = GlobalBatches(dataset.lengths(), cfg.batch_size, world=accelerator.num_processes,
                          rank=accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
                          group_by_length=cfg.group_by_length)
@@ -255,28 +461,31 @@ def train(cfg: TrainConfig) -> TrainResult:
     warmup = int(cfg.warmup_ratio * total)
 
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    if cfg.lr_schedule not in SCHEDULES:
-        raise TrainingError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
     schedule = SCHEDULES[cfg.lr_schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
     model.train()
     # the scheduler is not prepared: accelerate would step it once per process per step
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    parts = ckpt_io.Parts(accelerator.unwrap_model(ddp_model), optimizer, scheduler, accelerator.scaler)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / STATE_FILE).read_text())
+    if resume_from is not None:
+        pos = _position(ckpt_io.load(resume_from, parts, procs), resume_from, steps_per_epoch)
+        accelerator.step = pos.pop("accelerator_step")
+        state = pos
         if main:
-            print(f"resumed from {ckpt} at step {state['step']}")
+            print(f"resumed from {resume_from} at step {state['step']}")
     elif cfg.resume and main:
         print(f"--resume: no checkpoint in {out / CKPT_DIR}, starting from step 0")
     if main:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if cfg.resume:  # the steps after the checkpoint are trained again: their old lines go
+            truncate_metrics(out / METRICS_FILE, state["step"])
+        try:
+            _write_json_atomic(out / CONFIG_FILE, asdict(cfg))
+        except OSError as e:
+            raise TrainingError(f"cannot write {out / CONFIG_FILE}: {one_line(e)}") from None
 
-    metrics = open(out / "metrics.jsonl", "a") if main else None
+    metrics = _open_metrics(out) if main else None
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
@@ -326,7 +535,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                 stop_now = _agree(accelerator, stop.raised is not None)
                 if state["step"] % cfg.save_steps == 0 or stop_now or state["step"] == total:
-                    save_checkpoint(accelerator, out, state, cfg.keep_last)
+                    _save(out, state, parts, procs, accelerator, cfg, fingerprint)
                 if stop_now:
                     stopped_by = stop.raised or "signal on another rank"
                     break
@@ -358,40 +567,20 @@ def _agree(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
-def save_checkpoint(accelerator: Any, out: Path, state: dict[str, int], keep_last: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temporary directory, then rename) and prune."""
-    root = out / CKPT_DIR
-    final = root / f"step-{state['step']:07d}"
-    tmp = root / f".tmp-step-{state['step']:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        done = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=lambda p: p.name)
-        for old in done[:-max(1, keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def save_final(model: HiresLMM, out: Path, stage: Stage, cfg: TrainConfig) -> None:
     """A stage-1 run saves only its trainable parts (plus config and tokenizer); later stages and
     ``scratch`` save a complete model directory."""
     model.eval()
-    if stage.save_trainable_only:
-        from safetensors.torch import save_file
+    try:
+        if stage.save_trainable_only:
+            from safetensors.torch import save_file
 
-        tmp = out / ".trainable.tmp"
-        save_file(trainable_state_dict(model), tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "trainable.safetensors")
-        (out / "stage.json").write_text(json.dumps({"method": cfg.method, "stage": stage.name, "seed": cfg.seed,
-                                                    "tiny": cfg.tiny, "plan_options": model.config.plan_options},
-                                                   indent=2))
-    else:
-        model.save_pretrained(out)
+            tmp = out / ".trainable.tmp"
+            save_file(trainable_state_dict(model), tmp, metadata={"format": "pt"})
+            os.replace(tmp, out / "trainable.safetensors")
+            _write_json_atomic(out / "stage.json", {"method": cfg.method, "stage": stage.name, "seed": cfg.seed,
+                                                    "tiny": cfg.tiny, "plan_options": model.config.plan_options})
+        else:
+            model.save_pretrained(out)
+    except OSError as e:
+        raise TrainingError(f"cannot save the trained model in {out}: {one_line(e)}") from None
