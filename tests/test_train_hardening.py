@@ -238,15 +238,16 @@ def test_resume_without_checkpoint_checks_train_config(data, tmp_path):
 
 # --- 3. metrics.jsonl continues without repeats --------------------------------------------------
 
-def test_resumed_metrics_do_not_repeat_steps_and_the_weights_match(data, tmp_path):
-    ref = train(config(data, tmp_path / "ref", max_steps=5))
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resumed_metrics_do_not_repeat_steps_and_the_weights_match(data, tmp_path, accum):
+    ref = train(config(data, tmp_path / "ref", max_steps=5, grad_accum=accum, batch_size=1))
     assert ref.steps == 5
     out = copy_run(tmp_path / "ref", tmp_path / "run")
     shutil.rmtree(out / "checkpoints" / "step-0000005")  # as if killed after step 5 was logged
     (out / "model.safetensors").unlink()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # and in the middle of writing a line
-    train(config(data, out, max_steps=5, resume=True))
+    train(config(data, out, max_steps=5, grad_accum=accum, batch_size=1, resume=True))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
     old = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
