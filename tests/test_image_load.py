@@ -926,3 +926,26 @@ def test_multipage_tiff_first_page(tmp_path):
     img = load_image(path)
     assert img.size == (20, 10) and img.getpixel((3, 3)) == RED
     assert image_size(path) == (20, 10)
+
+
+@pytest.mark.parametrize("kind", ["nul", "long name", "long path", "not a directory"])
+def test_paths_the_os_refuses_raise_invalid_image_path(tmp_path, kind):
+    """A NUL byte or an over-long path is a typed ImageLoadError with a one-line message, never a
+    bare ValueError/OSError (and a NUL byte is not reported as "no such file")."""
+    from hires_lmm.image.load import InvalidImagePathError
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    src = {"nul": str(tmp_path / "ok.png") + "\x00",
+           "long name": str(tmp_path / ("a" * 6000 + ".png")),
+           "long path": str(tmp_path / "/".join(["b" * 250] * 30)),
+           "not a directory": str(tmp_path / "ok.png" / "x.png")}[kind]
+    want = {"nul": "NUL byte", "long name": "too long", "long path": "too long",
+            "not a directory": "not a directory"}[kind]
+    for fn in (load_image, image_size):
+        for s in (src, Path(src)):
+            with pytest.raises(InvalidImagePathError) as ei:
+                fn(s)
+            msg = str(ei.value)
+            assert isinstance(ei.value, ImageLoadError) and not isinstance(ei.value, ImageNotFoundError)
+            assert want in msg and "\n" not in msg and len(msg) < 400, msg
+    assert load_image(tmp_path / "ok.png").size == (4, 4)

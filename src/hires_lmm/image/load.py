@@ -6,8 +6,9 @@
   clipped), CMYK and YCbCr go through PIL's converters, 1-bit becomes black and white.
 * A pixel limit guards against decompression bombs; it is checked on the header, before any
   pixel is decoded.
-* Missing, empty, truncated and non-image inputs raise :class:`ImageLoadError` subclasses whose
-  message names the file and the problem.
+* Missing, empty, truncated and non-image inputs, and paths the operating system cannot take (a
+  NUL byte, a name too long), raise :class:`ImageLoadError` subclasses whose one-line message
+  names the file (shortened when long) and the problem.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import binascii
 import io
 import os
+import stat
 import struct
 import threading
 import warnings
@@ -60,9 +62,28 @@ class ImageTooLargeError(ImageLoadError):
     """The image has more pixels than the configured limit (decompression-bomb guard)."""
 
 
+class InvalidImagePathError(ImageLoadError):
+    """The path cannot name a file: it holds a NUL byte, or the operating system refuses it (too
+    long, a component too long, permission denied on a directory, ...)."""
+
+
+#: paths longer than this are shown shortened in messages (one readable line, whatever the input)
+_SHOWN_PATH_CHARS = 120
+
+
+def shorten_path(path: str | bytes) -> str:
+    """``repr`` of a path, shortened in the middle when long (a 6000-character path must not make a
+    6000-character message)."""
+    text = repr(path)
+    if len(text) <= _SHOWN_PATH_CHARS:
+        return text
+    half = _SHOWN_PATH_CHARS // 2
+    return f"{text[:half]}...{text[-half:]} ({len(path):,} characters)"
+
+
 def _describe(src: object) -> str:
     if isinstance(src, (str, os.PathLike)):
-        return f"image file {os.fspath(src)!r}"
+        return f"image file {shorten_path(os.fspath(src))}"
     if isinstance(src, (bytes, bytearray)):
         return f"image data ({len(src)} bytes)"
     return "image stream"
@@ -108,11 +129,19 @@ def decode_data_url(url: str) -> bytes:
 def _open(src: ImageSource, what: str) -> Image.Image:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.exists():
-            raise ImageNotFoundError(f"{what}: no such file")
-        if path.is_dir():
+        # checked first: Path.exists() answers False for a NUL byte ("no such file" would mislead)
+        if "\0" in str(path):
+            raise InvalidImagePathError(f"{what}: the path contains a NUL byte, which no file name can hold")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"{what}: no such file") from None
+        except OSError as e:  # ENAMETOOLONG, EACCES, ELOOP, ENOTDIR, ...: the OS refuses the path itself
+            reason = (e.strerror or type(e).__name__).lower()
+            raise InvalidImagePathError(f"{what}: cannot use this path ({reason})") from None
+        if stat.S_ISDIR(st.st_mode):
             raise ImageLoadError(f"{what}: is a directory, not an image file")
-        if path.stat().st_size == 0:
+        if st.st_size == 0:
             raise EmptyImageError(f"{what}: the file is empty (0 bytes)")
         fp: object = path
     elif isinstance(src, (bytes, bytearray)):
@@ -127,6 +156,8 @@ def _open(src: ImageSource, what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise NotAnImageError(f"{what}: not a recognised image format") from None
     except OSError as e:
+        if e.errno is not None:  # the OS refused to open the file (its message would repeat the whole path)
+            raise InvalidImagePathError(f"{what}: cannot open the file ({(e.strerror or 'error').lower()})") from None
         raise TruncatedImageError(f"{what}: cannot read image header ({e})") from None
 
 

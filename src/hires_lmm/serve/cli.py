@@ -76,8 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import HiresLMM
-    from .app import create_app
+    from .app import create_app, limit_heap_retention
     from .service import default_served_name
+
+    limit_heap_retention()  # large requests' memory goes back to the system (glibc; see its docstring)
 
     device = args.device
     if device == "auto":

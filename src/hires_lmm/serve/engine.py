@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..compat import cache_kwargs, output_cache
 from ..model import HiresLMM, ImageInput
 from .errors import APIError
 
@@ -135,8 +136,9 @@ class Engine:
         max_prefill_tokens: most prompt tokens (text + visual) prefilled in one turn of the loop.
         batch_wait_s: how long an idle engine waits for more arrivals before prefilling.
         max_waiting: most requests queued (not yet running); more are answered 503.
-        tokenizer_lock: held around every use of the tokenizer (a fast tokenizer is not safe to use
-            from two threads when one changes its truncation or padding settings).
+        tokenizer_lock: held around every use of the engine's tokenizer (``model.tokenizer``). The
+            server prepares requests on copies of its own (:class:`~.service.Service`), so nothing
+            else waits on this lock; it guards a caller that shares the model's tokenizer.
     """
 
     def __init__(self, model: HiresLMM, *, stop_token_ids: Sequence[int], max_batch: int = 16,
@@ -190,9 +192,10 @@ class Engine:
         t = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
         ids = torch.tensor([[int(t)]], device=self.model.device)
         out = self.model.llm(input_ids=ids, use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
+        cache = output_cache(out)
+        layers = getattr(cache, "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-            kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(out.past_key_values).__name__]
+            kinds = sorted({type(layer).__name__ for layer in layers or []}) or [type(cache).__name__]
             raise RuntimeError(f"continuous batching needs a DynamicCache of full-attention layers; this LLM "
                                f"({type(self.model.llm).__name__}) uses {', '.join(kinds)}")
 
@@ -322,7 +325,7 @@ class Engine:
         for r, n in zip(group, batch.attention_mask.sum(1).tolist()):
             r.prompt_tokens = int(n)
             r.images = []  # the views are in the cache now
-        self._join(group, out.past_key_values, batch.attention_mask, batch.position_ids[:, -1:] + 1, logits)
+        self._join(group, output_cache(out), batch.attention_mask, batch.position_ids[:, -1:] + 1, logits)
         self.stats["prefill_batches"] += 1
         self.stats["max_prefill_batch_seen"] = max(self.stats["max_prefill_batch_seen"], len(group))
         self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(self._rows))
@@ -384,12 +387,19 @@ class Engine:
                 reason = "length"
         if reason is None:
             safe = len(text) - _stop_holdback(text, r.params.stop)
-            while safe > 0 and text[safe - 1] == "\ufffd":  # maybe half of a multi-byte character
+            # a byte-fallback tokenizer spells a multi-byte character over several tokens, and the
+            # text decoded so far ends in U+FFFD (one, or one per byte) until the last byte comes:
+            # hold it back, so that the character is sent whole or not at all
+            while safe > 0 and text[safe - 1] == "\ufffd":
                 safe -= 1
             if safe > len(r.emitted) and text.startswith(r.emitted):
                 r._emit("delta", text[len(r.emitted):safe])
                 r.emitted = text[:safe]
             return
+        # the reply ends here (max_tokens, a stop token or string): a character still incomplete
+        # will never be completed, so it is dropped rather than sent as U+FFFD (a byte sequence
+        # that is invalid in the middle of the text is sent as U+FFFD as before)
+        text = text.rstrip("\ufffd")
         if len(text) > len(r.emitted) and text.startswith(r.emitted):
             r._emit("delta", text[len(r.emitted):])
         r.finished = True
@@ -431,8 +441,8 @@ class Engine:
             dev = self.model.device
             mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
             out = self._llm(input_ids=self._last[:, None].to(dev), attention_mask=mask, position_ids=self._pos,
-                            past_key_values=self._cache)
-            self._cache, self._mask = out.past_key_values, mask
+                            **cache_kwargs(self.model.llm, self._cache))
+            self._cache, self._mask = output_cache(out), mask
             self._logits = out.logits[:, -1].float()
             self._pos = self._pos + 1
             self.stats["decode_steps"] += 1

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image
 
 from ..image import ImageLoadError, ImageTooLargeError, image_size, load_image
-from ..image.load import decode_data_url
+from ..image.load import InvalidImagePathError, shorten_path, decode_data_url
 from .errors import APIError, bad_request
 
 ImageBytesOrPath = bytes | Path
@@ -47,17 +47,31 @@ def resolve_image_url(url: str, param: str, allowed_dir: str | os.PathLike | Non
                             "server with --allowed-local-media-path DIR", type="permission_error", param=param,
                        code="local_media_not_allowed")
     raw = unquote(urlsplit(url).path) if scheme == "file" else url
+    # refused before resolving: Path.resolve() raises ValueError on a NUL byte (a 500 otherwise),
+    # and "%00" in a file:// URL decodes to one
+    if "\0" in raw:
+        raise bad_request(f"'{param}': the image path {shorten_path(raw)} contains a NUL byte, which no file name "
+                          "can hold", param=param, code="invalid_image_url")
     root = Path(allowed_dir).resolve()
     path = Path(raw)
-    path = (path if path.is_absolute() else root / path).resolve()
+    try:
+        path = (path if path.is_absolute() else root / path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+        raise bad_request(f"'{param}': cannot use the image path {shorten_path(raw)} ({type(e).__name__})",
+                          param=param, code="invalid_image_url") from None
     if not path.is_relative_to(root):
-        raise APIError(403, f"'{param}': {raw!r} is outside the allowed local media directory", type="permission_error",
-                       param=param, code="local_media_not_allowed")
+        raise APIError(403, f"'{param}': {shorten_path(raw)} is outside the allowed local media directory",
+                       type="permission_error", param=param, code="local_media_not_allowed")
     return path
 
 
 def _load_error(e: ImageLoadError, param: str) -> APIError:
-    code = "image_too_large" if isinstance(e, ImageTooLargeError) else "invalid_image"
+    if isinstance(e, ImageTooLargeError):
+        code = "image_too_large"
+    elif isinstance(e, InvalidImagePathError):
+        code = "invalid_image_url"  # the path is at fault, not an image
+    else:
+        code = "invalid_image"
     return bad_request(f"'{param}': {e}", param=param, code=code)
 
 

@@ -3,7 +3,7 @@
 Every problem becomes an :class:`~hires_lmm.serve.errors.APIError` naming the field
 (``param``), so a client sees ``400 {"error": {"message": "...", "param": "messages[1].content"}}``.
 Unknown top-level fields are ignored (clients send many); fields whose value this server cannot
-honour (``n`` > 1, ``logprobs``, ``tools``) are refused rather than silently ignored.
+honour (``n`` > 1, ``logprobs``, ``tools``, a ``response_format`` other than text) are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -213,6 +213,25 @@ def parse_messages(messages: Any) -> list[Message]:
     return out
 
 
+def _check_response_format(rf: Any) -> None:
+    """``response_format``: only ``{"type": "text"}`` (the default meaning: free text) is honoured;
+    JSON mode and JSON schemas would need constrained decoding, so they are refused, never ignored
+    (a client relying on them would otherwise get unvalidated text back)."""
+    if rf is None:
+        return
+    if not isinstance(rf, dict):
+        raise _type_error("response_format", "an object with a 'type'", rf)
+    kind = rf.get("type")
+    if kind is None:
+        raise _missing("response_format.type")
+    if not isinstance(kind, str):
+        raise _type_error("response_format.type", "a string", kind)
+    if kind != "text":
+        raise bad_request(f"'response_format' of type {kind!r} is not supported by this server (no constrained "
+                          "decoding); only {\"type\": \"text\"} is", param="response_format",
+                          code="unsupported_parameter")
+
+
 def parse_chat_request(data: dict[str, Any], served_model_name: str) -> ChatRequest:
     """Validate a chat-completions body (structure and types only; images are not opened here)."""
     model = data.get("model")
@@ -276,6 +295,7 @@ def parse_chat_request(data: dict[str, Any], served_model_name: str) -> ChatRequ
     for k in ("tools", "functions"):
         if data.get(k):
             raise bad_request(f"'{k}' is not supported by this server", param=k, code="unsupported_parameter")
+    _check_response_format(data.get("response_format"))
 
     images = [(part[1], part[2]) for m in messages for part in m.parts if part[0] == "image"]
     return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,

@@ -11,15 +11,30 @@ messages of one role are joined with "\\n"; a system (or developer) message may 
 (the template's default system prompt is used when there is none). The conversation must end with
 a user message. The placeholders are replaced by the image's visual tokens in
 :meth:`HiresLMM.build_inputs`.
+
+Long prompts. Tokenising costs time and memory in proportion to the text, so the text is bounded
+by characters first: no token covers more than :func:`max_chars_per_token` characters (``C``), so
+a text of ``n`` characters has at least ``n / C`` tokens, and a text longer than
+``max_model_len * C`` characters cannot fit; it is refused at once, untokenised. What is
+tokenised is tokenised on a copy of the tokenizer owned by the preparing thread (a pool of
+copies), never on the engine's: a long prompt does not hold up the decoding of running streams,
+and two threads never share a fast tokenizer (its Rust object is not safe to use from two threads
+while one changes its truncation or padding settings, which every ``tokenizer(...)`` call does).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
+import json
+import logging
+import math
 import os
-import threading
+import queue
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +50,69 @@ from .engine import GenRequest, SamplingParams
 from .errors import APIError, bad_request
 from .media import checked_size, load_checked, prepare_checked, resolve_image_url
 from .protocol import ChatRequest, PlanRequest
+
+log = logging.getLogger("hires_lmm.serve")
+
+#: normalizers and pre-tokenizers (``tokenizers`` component types) that can make the text shorter
+#: before it is split into tokens: BERT's cleaning and accent stripping, strip, NFC/NFKC
+#: composition, SentencePiece's precompiled NMT normalisation, whitespace splitting that drops the
+#: spaces. With one of them a token can stand for more source characters than its own length.
+_SHRINKING = frozenset({"BertNormalizer", "StripAccents", "Strip", "NFC", "NFKC", "Precompiled", "Nmt",
+                        "Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"})
+#: the margin applied to C for such tokenizers: NFC/NFKC compose at most 3 code points into one
+#: (Hangul jamo), and prompts that only fit because most of their characters are whitespace or
+#: control characters that would be dropped are not worth tokenising 4x more text for.
+_SHRINK_MARGIN = 4
+
+
+def _component_types(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every ``{"type": ...}`` object in a serialised normalizer / pre-tokenizer (Sequences nest)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            yield node["type"], node
+        for v in node.values():
+            yield from _component_types(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _component_types(v)
+
+
+def _can_shrink(tok: Any) -> bool:
+    """Whether the tokenizer's pipeline may drop or merge characters before splitting (see
+    ``_SHRINKING``); True when it cannot be inspected (a slow tokenizer), to stay safe."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return True
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - an unserialisable pipeline: assume the worst
+        return True
+    for kind, node in _component_types([spec.get("normalizer"), spec.get("pre_tokenizer")]):
+        if kind in _SHRINKING:
+            return True
+        if kind == "Replace":  # e.g. Llama's " " -> "▁" keeps the length; a shorter replacement does not
+            pattern = node.get("pattern") or {}
+            target = pattern.get("String") if isinstance(pattern, dict) else None
+            if target is None or len(node.get("content", "")) < len(target):
+                return True
+        if kind == "Split" and node.get("behavior") == "Removed":
+            return True
+    return False
+
+
+def max_chars_per_token(tok: Any) -> int:
+    """``C``: an upper bound on the characters of request text that one token can stand for.
+
+    A token's string in the vocabulary is at least as long as the text it decodes to: byte-level
+    BPE spells each byte as one character (a character is one or more bytes), SentencePiece writes
+    a space as "▁" (one for one) and a byte-fallback piece ``<0xE9>`` as six characters for at most
+    one, WordPiece adds "##". Added (special) tokens match their own content. ``<image>`` is left
+    out: the protocol refuses it in text. When the normalizer or pre-tokenizer may drop or merge
+    characters (``_SHRINKING``), the bound is multiplied by ``_SHRINK_MARGIN``.
+    """
+    longest = max((len(t) for t in tok.get_vocab() if t != IMAGE_TOKEN), default=1)
+    c = max(1, longest)
+    return c * _SHRINK_MARGIN if _can_shrink(tok) else c
 
 
 def resolve_template(model: HiresLMM, name: str) -> ChatTemplate:
@@ -66,9 +144,39 @@ class Service:
         tok = model.tokenizer
         self.stop_token_ids = sorted({tok.eos_token_id, *self.template.stop_token_ids(tok)} - {None})
         self.created = int(time.time())
-        self.tokenizer_lock = threading.Lock()  # shared with the engine, which decodes
+        self.max_chars_per_token = max_chars_per_token(tok)
+        self.max_prompt_chars = self.max_model_len * self.max_chars_per_token
+        log.info("prompts longer than %d characters are refused untokenised (%d tokens x at most %d characters "
+                 "per token)", self.max_prompt_chars, self.max_model_len, self.max_chars_per_token)
+        # one tokenizer copy per preparation thread: never the engine's (which decodes on its own
+        # thread), never one shared by two threads (see the module docstring)
+        self._tokenizers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(max(1, config.prep_workers)):
+            self._tokenizers.put(copy.deepcopy(tok))
         if config.allowed_local_media_path is not None and not Path(config.allowed_local_media_path).is_dir():
             raise ValueError(f"--allowed-local-media-path {config.allowed_local_media_path}: not a directory")
+
+    @contextmanager
+    def _tokenizer(self) -> Iterator[Any]:
+        """A tokenizer copy for this thread alone (waits only if every copy is in use, which the
+        pool's size, one per preparation thread, prevents in the server)."""
+        tok = self._tokenizers.get()
+        try:
+            yield tok
+        finally:
+            self._tokenizers.put(tok)
+
+    def check_text_length(self, req: ChatRequest) -> None:
+        """Refuse, before any tokenisation, text that cannot fit in the context (see the module
+        docstring); O(number of parts)."""
+        chars = sum(len(p[1]) for m in req.messages for p in m.parts if p[0] == "text")
+        if chars > self.max_prompt_chars:
+            least = math.ceil(chars / self.max_chars_per_token)
+            raise bad_request(
+                f"this model's maximum context length is {self.max_model_len} tokens; the messages have {chars:,} "
+                f"characters of text, at least {least:,} tokens (no token of this model's tokenizer covers more than "
+                f"{self.max_chars_per_token} characters); shorten the messages", param="messages",
+                code="context_length_exceeded")
 
     # --- prompts ----------------------------------------------------------------------------------
     def conversation(self, req: ChatRequest) -> list[dict[str, str]]:
@@ -97,8 +205,7 @@ class Service:
         """Ids of the conversation rendered by the template up to where the assistant's reply starts:
         the conversation is rendered with a placeholder reply, and everything before the reply's
         (trained-on) segments is kept. For one user turn this equals ``template.prompt(question)``."""
-        tok = self.model.tokenizer
-        with self.tokenizer_lock:
+        with self._tokenizer() as tok:
             try:
                 segs = self.template.segments(tok, conv + [{"from": "gpt", "value": "x"}])
             except TemplateError as e:
@@ -119,6 +226,7 @@ class Service:
         if len(req.images) > cfg.max_images_per_request:
             raise bad_request(f"the request has {len(req.images)} images; at most {cfg.max_images_per_request} are "
                               "allowed per request", param="messages", code="too_many_images")
+        self.check_text_length(req)  # before tokenising: a huge text is refused in microseconds
         ids = self.prompt_ids(self.conversation(req))
         n_placeholders = sum(1 for t in ids if t == self.model.image_token_id)
         if n_placeholders != len(req.images):
@@ -187,4 +295,4 @@ def default_served_name(model_dir: str | os.PathLike) -> str:
     return Path(model_dir).resolve().name
 
 
-__all__ = ["METHODS", "ServeConfig", "Service", "default_served_name", "resolve_template"]
+__all__ = ["METHODS", "ServeConfig", "Service", "default_served_name", "max_chars_per_token", "resolve_template"]
