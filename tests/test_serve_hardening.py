@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import http.client
-import io
 import json
 import threading
 import time
@@ -68,12 +66,6 @@ def assert_error(status: int, body: dict, want: int, code: str, *words: str) -> 
     assert "\n" not in err["message"] and len(err["message"]) < 600, err["message"]  # one readable line
     for w in words:
         assert w.lower() in err["message"].lower(), (w, err["message"])
-
-
-def png_data_url(w: int = 64, h: int = 48) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (10, 120, 200)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 # --- fixtures ------------------------------------------------------------------------------------
