@@ -4,17 +4,41 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch, installed before anything else can pull a CUDA build
 TORCH_SPEC ?= torch==2.13.0
+# the exact, tested versions `make install` uses (regenerate with `make lock`)
+LOCK := requirements/lock.txt
+# extras the lock covers and `make install` installs
+EXTRAS ?= dev
+# drift checks: the newest versions the requirements allow, and their lower bounds
+LATEST_VENV ?= .venv-latest
+OLDEST_VENV ?= .venv-oldest
+SMOKE := @tests/smoke.txt
+PIP_QUIET ?= -q
 
-.PHONY: install demo demo-quick test bench clean
+.PHONY: install lock demo demo-quick test test-latest test-oldest bench clean
 
-$(BIN)/hires: pyproject.toml
+$(BIN)/hires: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(BIN)/hires
 
 install: $(BIN)/hires
+
+# resolve the newest versions pyproject.toml allows in a scratch venv and write them as the lock
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install $(PIP_QUIET) -e ".[$(EXTRAS)]"
+	{ echo "# The exact versions \`make install\` installs (pip constraints), for Python 3.11 on Linux."; \
+	  echo "# Regenerate with \`make lock\`: the newest releases pyproject.toml allows, with $(TORCH_SPEC) (CPU)."; \
+	  echo "# Resolved on $$(date -u +%Y-%m-%d) with extras [$(EXTRAS)]."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+	@echo "wrote $(LOCK); run make test before committing it"
 
 demo: install
 	$(BIN)/hires demo --out out/demo
@@ -25,9 +49,30 @@ demo-quick: install
 test: install
 	$(BIN)/python -m pytest
 
+# the drift smoke subset (tests/smoke.txt) with the newest releases the requirements allow, no lock
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|safetensors|numpy|pillow|starlette|uvicorn)=='
+	$(LATEST_VENV)/bin/python -m pytest $(SMOKE)
+
+# the same subset with every runtime dependency at its lower bound in pyproject.toml
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(PY) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) tools/pins.py lowest > $(OLDEST_VENV)/lowest.txt
+	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) -c $(OLDEST_VENV)/lowest.txt "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) -c $(OLDEST_VENV)/lowest.txt -e ".[dev]"
+	$(OLDEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|safetensors|numpy|pillow|starlette|uvicorn)=='
+	$(OLDEST_VENV)/bin/python -m pytest $(SMOKE)
+
 # measures this machine and writes docs/performance.md (a few minutes; see hires bench --help)
 bench: install
 	$(BIN)/hires bench --out docs/performance.md
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) .venv-lock out .pytest_cache .hypothesis

@@ -9,6 +9,21 @@ checks each against the installed version.
   ``past_key_values`` became ``cache``. Up to 5.23 the output field and the keyword are
   ``past_key_values``; from 5.24 they are ``cache`` (the old keyword is renamed with a warning
   until 5.40, the old attribute reads through a deprecated property).
+
+Other places that touch more than a dependency's documented API, each covered by a test in the
+drift smoke subset (tests/smoke.txt) so a release that changes it fails the drift check, not a
+user (written against transformers 5.6-5.24, torch 2.13, accelerate 1.0-1.15):
+
+* ``ViT.packable()`` (vision/vit.py) ignores forward hooks named ``output_capturing_hook``, which
+  transformers 5 leaves on every layer after an ``output_hidden_states`` call; any other hook
+  still turns packing off. Test: ``tests/test_vision.py::test_encode_views_packs_after_a_transformers_hidden_states_call``.
+* The serving engine merges and splits KV caches by batch row through ``DynamicCache.layers``
+  and each ``DynamicLayer``'s ``keys``/``values`` (serve/engine.py); ``check_model`` refuses any
+  other cache type at start-up. Test: ``tests/test_serve.py::test_concurrent_requests_are_batched_and_match_one_at_a_time``.
+* Training checkpoints are the trainer's own safetensors + JSON files (train/checkpoint.py), not
+  accelerate's ``save_state`` pickles, so accelerate's checkpoint layout is not relied on.
+* The tests compare pixels with transformers' PIL image processors
+  (``transformers.models.*.image_processing_pil_*``, present from 5.6): ``tests/test_render.py``.
 """
 
 from __future__ import annotations

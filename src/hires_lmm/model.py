@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .compat import CACHE_FIELD, cache_kwargs, output_cache
 from .config import HiresConfig
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .image.render import load_and_render, render
@@ -82,17 +83,19 @@ def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
 
 
 @dataclass
-class HiresOutput(ModelOutput):
+class HiresOutput(CausalLMOutputWithPast):
     """The LLM's output plus the spliced :class:`Batch` (a field, so DDP's output handling keeps it).
+
+    A ``CausalLMOutputWithPast``, so the KV cache lives under the field name the installed
+    transformers uses (``cache`` from 5.24, ``past_key_values`` before; read it with
+    :func:`hires_lmm.compat.output_cache`).
 
     Attributes:
         loss: mean cross-entropy over labelled tokens, when labels were given.
         logits: (B, T, V) over the spliced sequence.
+        batch: the spliced inputs.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Any = None
     batch: Batch | None = None
 
 
@@ -109,7 +112,12 @@ class HiresLMM(nn.Module):
         self.image_token_id = ensure_image_token(tokenizer)
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             self.llm.resize_token_embeddings(len(tokenizer))
-        self.separator_ids = {s: separator_id(tokenizer, s) for s in (",", "\n")}
+        # only the separators this method's visual module splices must be single tokens (a
+        # word-level tokenizer has none, and llava-1.5/-next/-hr/inf-llava never use them)
+        try:
+            self.separator_ids = {s: separator_id(tokenizer, s) for s in getattr(visual, "separators", (",", "\n"))}
+        except ValueError as e:
+            raise ValueError(f"{config.method} splices separator tokens between views: {e}") from None
         # a converted checkpoint records the ids its reference code used (e.g. SliME's tokenizer(',')[-1])
         self.separator_ids.update({k: int(v) for k, v in config.connector.get("separator_ids", {}).items()})
         if tokenizer.pad_token_id is None:
@@ -203,7 +211,7 @@ class HiresLMM(nn.Module):
                 labels: Sequence[torch.Tensor] | None = None, **llm_kwargs: Any):
         """Logits (B, T, V) over the spliced sequence, and the loss when ``labels`` are given.
 
-        Returns a :class:`HiresOutput` (loss, logits, past_key_values and the spliced batch).
+        Returns a :class:`HiresOutput` (loss, logits, the KV cache and the spliced batch).
         """
         batch = self.build_inputs(input_ids, images, labels)
         mask = batch.attention_mask
@@ -215,7 +223,7 @@ class HiresLMM(nn.Module):
             mask = None
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
-        return HiresOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, batch=batch)
+        return HiresOutput(loss=out.loss, logits=out.logits, batch=batch, **{CACHE_FIELD: output_cache(out)})
 
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,7 +262,7 @@ class HiresLMM(nn.Module):
         B = len(prompts)
         mask, pos = batch.attention_mask, batch.position_ids
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
         logits = out.logits[:, -1]
         done = torch.zeros(B, dtype=torch.bool)
         generated: list[list[int]] = [[] for _ in range(B)]
@@ -286,8 +294,8 @@ class HiresLMM(nn.Module):
             nxt = nxt.masked_fill(done.to(nxt.device), tok.pad_token_id)
             mask = torch.cat([mask, (~done).long().to(mask.device)[:, None]], dim=1)
             out = self.llm(input_ids=nxt[:, None].to(self.device), attention_mask=mask, position_ids=next_pos,
-                           past_key_values=past, use_cache=True)
-            past, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+                           use_cache=True, **cache_kwargs(self.llm, past))
+            past, logits, next_pos = output_cache(out), out.logits[:, -1], next_pos + 1
         return [t if t is not None else tok.decode(g, skip_special_tokens=True) for t, g in zip(texts_out, generated)]
 
     @staticmethod
