@@ -159,24 +159,36 @@ def test_tiny_model_with_a_pretrained_tiny_llm(tmp_path):
 # --- the whole demo, miniature ---------------------------------------------------------------------------
 
 def test_demo_end_to_end_miniature(tmp_path, capsys):
+    """The demo is data + encoders + ``hires compare``: its results.json is the comparison's, with
+    the demo's settings added, and a second run reuses every finished stage."""
+    from hires_lmm.compare.figure import have_matplotlib
+
     cfg = DemoConfig(n=20, vit_steps=2, vit_batch=2, convnext_steps=1, convnext_batch=1, pretrain_images=4,
                      methods=("llava-1.5", "llava-uhd"), steps=2, batch_size=2, eval_batch=4, workers=1)
-    rows = run_demo(tmp_path, config=cfg, progress=False)
-    assert [r["method"] for r in rows] == ["llava-1.5", "llava-uhd"]
-    for r in rows:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["count"] == 4
-        assert r["visual_tokens"] > 0 and r["vision_gflops"] > 0 and r["train_s"] > 0
-    assert rows[0]["visual_tokens"] == 576
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["chance"] == pytest.approx(1 / 3) and "llava-uhd" in res["margin_over_llava15"]
-    for f in ("results.md", "accuracy.png", "plan-llava-uhd.png", "plan-llava-1.5.png"):
+    res = run_demo(tmp_path, config=cfg, progress=False)
+    assert list(res["methods"]) == ["llava-1.5", "llava-uhd"]
+    for key, m in res["methods"].items():
+        assert 0.0 <= m["accuracy"] <= 100.0 and m["count"] == 4 and m["seeds"] == [0]
+        assert m["visual_tokens"] > 0 and m["tflops"] > 0 and m["train_seconds"] > 0
+        run = tmp_path / "runs" / key / "seed-0"
+        assert (run / "model" / "config.json").exists() and (run / "answers.jsonl").exists()
+    assert res["methods"]["llava-1.5"]["visual_tokens"] == 576
+    # UHD's slices cost more than LLaVA-1.5's one view
+    assert res["methods"]["llava-uhd"]["tflops"] > res["methods"]["llava-1.5"]["tflops"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["chance"] == pytest.approx(100 / 3) and "llava-uhd" in saved["margin_over_llava15"]
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["vision"].endswith("vit")
+    assert saved["demo"]["config"]["n"] == 20 and "vit" in saved["demo"]["encoders"]
+    files = ["results.md", "plan-llava-uhd.png", "plan-llava-1.5.png"] + (["accuracy-tflops.png"] if have_matplotlib() else [])
+    for f in files:
         assert (tmp_path / f).exists(), f
+    assert "| llava-uhd" in (tmp_path / "results.md").read_text()
     out = capsys.readouterr().out
-    assert "| llava-uhd |" in out
+    assert "| llava-uhd" in out
     # the tokenizer knows the answers as words
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert {"red", "green", "blue", "color"} <= set(vocabulary(meta))
-    # a second run reuses every finished stage
-    rows2 = run_demo(tmp_path, config=cfg, progress=False)
-    assert rows2 == rows
+    # a second run reuses every finished stage: data, encoders and both methods' runs
+    res2 = run_demo(tmp_path, config=cfg, progress=False)
+    assert res2["methods"] == res["methods"]
     assert capsys.readouterr().out.count("reusing") == 4

@@ -6,12 +6,13 @@
 2. **Encoders** (stage 0, shared): a tiny ViT (CLIP-L/14-336 geometry) and LLaVA-HR's tiny
    ConvNeXt pretrained from random weights on the task's cell labels
    (:mod:`hires_lmm.train.dense`), the stand-in for CLIP.
-3. **Methods**: each of llava-1.5, llava-next, llava-uhd, llava-hr, inf-llava and slime gets the
-   same encoders, a fresh tiny LLM (with whole-word tokens, so an answer is one token) and its own
-   connector, and trains with the same data, steps, batch and learning rate, encoders frozen.
-4. **Evaluation**: ``hires predict`` on the held-out split, exact-match accuracy; a table of
-   method, visual tokens per image, vision GFLOPs per image (full-size encoders, from the plan),
-   training time and accuracy; ``accuracy.png`` (accuracy against visual tokens) and plan
+3. **Methods** (``hires compare``, :mod:`hires_lmm.compare`): each of llava-1.5, llava-next,
+   llava-uhd, llava-hr, inf-llava and slime gets the same encoders, a fresh tiny LLM (with
+   whole-word tokens, so an answer is one token) and its own connector, and trains with the same
+   data, steps, batch and learning rate, encoders frozen.
+4. **Evaluation**: ``hires predict`` on the held-out split, exact-match accuracy; the comparison's
+   table (visual tokens per image, TFLOPs per image from the cost model, training time,
+   accuracy), ``accuracy-tflops.png`` (accuracy against TFLOPs with the Pareto front) and plan
    overlays of one test image.
 
 Every stage is cached under ``OUT`` with the settings that made it, so an interrupted demo resumes
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_METHODS", "DEMO_SIZES", "DemoConfig", "QUICK", "run_demo"]
+__all__ = ["DEMO_METHODS", "DEMO_SIZES", "DemoConfig", "QUICK", "compare_config", "run_demo"]
 
 #: the methods compared (llava-uhd-arxiv is the same connector family as llava-uhd)
 DEMO_METHODS = ("llava-1.5", "llava-next", "llava-uhd", "llava-hr", "inf-llava", "slime")
@@ -170,80 +171,28 @@ def pretrain_encoders(out: Path, cfg: DemoConfig, progress: bool = True) -> dict
     return report
 
 
-def run_method(out: Path, cfg: DemoConfig, method: str, meta: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Build, train, predict and score one method; returns its row of the table."""
-    from ..eval.evaluate import evaluate
-    from ..eval.predict import predict
-    from ..methods import PRESETS, build_model
-    from ..train import TrainConfig, train
+def compare_config(out: Path, cfg: DemoConfig, meta: dict[str, Any]) -> Any:
+    """The demo's comparison as a :class:`~hires_lmm.compare.CompareConfig`: the generated task, the
+    shared pretrained encoders, the demo's whole-word vocabulary and budget, exact match."""
+    from ..compare import CompareConfig
 
-    run_dir = out / "models" / method
-    result_file = run_dir / "demo-result.json"
-    stamp = {k: v for k, v in cfg.stamp().items() if k not in ("methods", "workers")}
-    stamp["method"] = method
-    if result_file.exists() and _cached(run_dir / "demo-stamp.json", stamp):
-        print(f"[{method}] reusing {run_dir}")
-        return json.loads(result_file.read_text())
     data, enc = out / "data", out / "encoders"
-    init = out / "init" / method
-    model = build_model(method, tiny=True, vision=enc / "vit",
-                        convnext=enc / "convnext" if PRESETS[method].needs_convnext else None,
-                        words=vocabulary(meta), seed=cfg.seed)
-    model.save_pretrained(init)
-    t = time.perf_counter()
-    train(TrainConfig(method=method, data_path=str(data / "stage2.json"), image_folder=str(data / "images"),
-                      output_dir=str(run_dir), init=str(init), stage="frozen-encoders", max_steps=cfg.steps,
-                      batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule, warmup_ratio=0.1, save_steps=max(1, cfg.steps),
-                      keep_last=1, seed=cfg.seed, overwrite=True, progress=progress))
-    train_s = time.perf_counter() - t
-    shutil.rmtree(init, ignore_errors=True)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    answers = run_dir / "answers.jsonl"
-    answers.unlink(missing_ok=True)
-    t = time.perf_counter()
-    predict(str(run_dir), data / "test" / "questions.jsonl", data / "images", answers, batch_size=cfg.eval_batch,
-            max_new_tokens=4, progress=progress)
-    eval_s = time.perf_counter() - t
-    rep = evaluate(answers, data / "test" / "answers.jsonl", "exact")
-    row = {"method": method, "accuracy": rep["score"], "count": rep["count"],
-           "visual_tokens": _mean(m["visual_tokens_per_sample"] for m in metrics),
-           "vision_gflops": _vision_gflops(method, cfg.sizes), "train_s": train_s, "eval_s": eval_s,
-           "loss_start": _mean(m["loss"] for m in metrics[:5]), "loss_end": _mean(m["loss"] for m in metrics[-10:]),
-           "predictions": _histogram(answers)}
-    result_file.write_text(json.dumps(row, indent=1))
-    _write_stamp(run_dir / "demo-stamp.json", stamp)
-    print(f"[{method}] accuracy {row['accuracy']:.1%} on {row['count']} questions; trained {train_s:.0f}s, "
-          f"loss {row['loss_start']:.2f} -> {row['loss_end']:.3f}")
-    return row
-
-
-def _mean(values: Any) -> float:
-    v = list(values)
-    return float(sum(v) / len(v)) if v else float("nan")
-
-
-def _histogram(answers: Path) -> dict[str, int]:
-    from collections import Counter
-
-    return dict(Counter(json.loads(line)["text"] for line in answers.read_text().splitlines() if line.strip()).most_common())
-
-
-def _vision_gflops(method: str, sizes: Any) -> float:
-    """Vision-encoder GFLOPs per image with the full-size encoders (CLIP ViT-L/14-336, ConvNeXt-L),
-    averaged over the demo's canvas sizes (from the plans: the token geometry is the real one)."""
-    from ..methods import PRESETS
-    from ..plan.cost import plan_cost
-
-    from ..plan import plan_image
-
-    opts = PRESETS[method].plan_options
-    return _mean(plan_cost(plan_image(method, tuple(s), **opts)).vision_flops / 1e9 for s in sizes)
+    return CompareConfig(
+        data_path=str(data / "stage2.json"), image_folder=str(data / "images"),
+        question_file=str(data / "test" / "questions.jsonl"), answers_file=str(data / "test" / "answers.jsonl"),
+        methods=tuple(cfg.methods), tiny=True, vision=str(enc / "vit"), convnext=str(enc / "convnext"),
+        words=tuple(vocabulary(meta)), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        lr_schedule=cfg.lr_schedule, warmup_ratio=0.1, stage="frozen-encoders", seeds=(cfg.seed,),
+        metric="exact", max_new_tokens=4, eval_batch=cfg.eval_batch,
+        chance=100.0 / len(meta["answers"][cfg.tasks[0]]))
 
 
 def run_demo(out: Path, quick: bool = False, config: DemoConfig | None = None, *, fresh: bool = False,
-             progress: bool = True) -> list[dict[str, Any]]:
-    """Run the whole demo into ``out`` (see the module doc); returns the table's rows."""
-    from .report import write_report
+             progress: bool = True) -> dict[str, Any]:
+    """Run the whole demo into ``out`` (see the module doc): data, encoders, then ``hires compare``
+    on them; returns what ``OUT/results.json`` holds."""
+    from ..compare import run_compare
+    from .report import write_demo_report
 
     cfg = config or (QUICK if quick else DemoConfig())
     out = Path(out)
@@ -255,10 +204,9 @@ def run_demo(out: Path, quick: bool = False, config: DemoConfig | None = None, *
     t = time.perf_counter()
     enc = pretrain_encoders(out, cfg, progress)
     pre_s = time.perf_counter() - t
-    rows = [run_method(out, cfg, m, meta, progress) for m in cfg.methods]
-    total = time.perf_counter() - t0
-    write_report(out, cfg, meta, enc, rows, pretrain_s=pre_s, total_s=total)
-    return rows
+    results = run_compare(compare_config(out, cfg, meta), out, progress=progress)
+    write_demo_report(out, cfg, meta, enc, results, pretrain_s=pre_s, total_s=time.perf_counter() - t0)
+    return results
 
 
 def with_overrides(cfg: DemoConfig, **kw: Any) -> DemoConfig:
