@@ -1,5 +1,7 @@
-"""``hires convert`` (a released checkpoint → a hires-lmm model directory) and ``hires logits``
-(the LLM's float32 logits over a spliced prompt, for parity checks against other implementations).
+"""``hires convert`` (a released checkpoint → a hires-lmm model directory), ``hires export`` (a
+llava-1.5 / llava-next model → a transformers LLaVA directory, :mod:`~hires_lmm.convert.export`)
+and ``hires logits`` (the LLM's float32 logits over a spliced prompt, for parity checks against
+other implementations).
 
 Registered by :func:`hires_lmm.cli.build_parser` through :func:`register`.
 """
@@ -15,7 +17,7 @@ from ..errors import CLIError, one_line
 from .errors import ConversionError
 from .formats import FORMATS
 
-__all__ = ["cmd_convert", "cmd_logits", "register"]
+__all__ = ["cmd_convert", "cmd_export", "cmd_logits", "register"]
 
 
 def _connector_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -106,8 +108,48 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..errors import HiresError
+    from .export_targets import ExportError, check_exportable
+
+    src = Path(args.src)
+    if not src.is_dir():
+        raise CLIError(f"{src}: no such model directory")
+    raw: Any = None
+    try:
+        raw = json.loads((src / "config.json").read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        pass  # no, unreadable or broken config.json: export_checkpoint names the problem
+    if isinstance(raw, dict) and raw.get("model_type") == "hires_lmm":
+        try:  # a method transformers cannot represent is refused before torch is even imported
+            check_exportable(str(raw.get("method")), args.to)
+        except ExportError as e:
+            raise CLIError(str(e)) from None
+    from .export import export_checkpoint
+
+    try:
+        report = export_checkpoint(src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                                   max_shard_size=args.max_shard_size, verify=args.verify)
+    except HiresError as e:  # ExportError, and the model loader's own one-line errors
+        raise CLIError(one_line(e)) from None
+    except OSError as e:  # an unreadable model file, an unwritable output directory, a full disk
+        raise CLIError(one_line(e)) from None
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"exported {report.method} {report.src} -> {report.dst}: {report.architecture}, "
+              f"{report.tensors} tensors, {report.dtype}")
+        if report.verify:
+            print(f"  verified: max logit difference {report.verify['max_logit_diff']:.3g}, "
+                  f"max pixel difference {report.verify['max_pixel_diff']:.3g}")
+        for note in report.notes:
+            print(f"  note: {note}")
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add ``convert`` and ``logits`` to the ``hires`` subcommands."""
+    """Add ``convert``, ``export`` and ``logits`` to the ``hires`` subcommands."""
+    from .export_targets import EXPORT_TARGETS, UNSUPPORTED
     c = sub.add_parser("convert", help="convert a released checkpoint into a hires-lmm model directory",
                        description="Formats: " + ", ".join(FORMATS) + " (or auto). Every tensor is mapped; "
                        "missing, left-over or misshaped weights are refused by name.")
@@ -127,6 +169,23 @@ def register(sub: Any) -> None:
                    help="override a connector option (JSON value), e.g. selector_variant=spec")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="write a llava-1.5 / llava-next model as a transformers LLaVA directory "
+                        "(LlavaForConditionalGeneration / LlavaNextForConditionalGeneration + AutoProcessor)",
+                        description="Formats: " + ", ".join(f"{k} ({m} -> {c})" for k, (m, c) in EXPORT_TARGETS.items())
+                        + ". Refused: " + ", ".join(UNSUPPORTED) + " (transformers has no class for them).")
+    ex.add_argument("--to", required=True, choices=list(EXPORT_TARGETS), metavar="FORMAT",
+                    help=f"output format: {', '.join(EXPORT_TARGETS)}")
+    ex.add_argument("src", help="a hires-lmm model directory (HiresLMM.from_pretrained)")
+    ex.add_argument("dst", help="output directory (transformers from_pretrained / vLLM / SGLang)")
+    ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="storage dtype of the output (auto: the model's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (as a whole)")
+    ex.add_argument("--max-shard-size", default="5GB")
+    ex.add_argument("--verify", action="store_true", help="before writing, load the export with transformers and "
+                    "compare its logits with hires-lmm's on test images (refused at >= 1e-4)")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+    ex.set_defaults(func=cmd_export)
 
     lg = sub.add_parser("logits", help="float32 LLM logits over a prompt with images spliced in (.npy)")
     lg.add_argument("--model", required=True, help="a hires-lmm model directory")
