@@ -12,15 +12,15 @@ EXTRAS ?= dev
 LATEST_VENV ?= .venv-latest
 OLDEST_VENV ?= .venv-oldest
 SMOKE := @tests/smoke.txt
-PIP_QUIET ?= -q
+PIPFLAGS ?= -q
 
 .PHONY: install lock demo demo-quick test test-latest test-oldest bench clean
 
 $(BIN)/hires: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install $(PIP_QUIET) -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install $(PIPFLAGS) --upgrade pip
+	$(BIN)/python -m pip install $(PIPFLAGS) -c $(LOCK) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install $(PIPFLAGS) -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $(BIN)/hires
 
 install: $(BIN)/hires
@@ -29,9 +29,9 @@ install: $(BIN)/hires
 lock:
 	rm -rf .venv-lock
 	$(PY) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	.venv-lock/bin/python -m pip install $(PIP_QUIET) "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install $(PIP_QUIET) -e ".[$(EXTRAS)]"
+	.venv-lock/bin/python -m pip install $(PIPFLAGS) --upgrade pip
+	.venv-lock/bin/python -m pip install $(PIPFLAGS) "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install $(PIPFLAGS) -e ".[$(EXTRAS)]"
 	{ echo "# The exact versions \`make install\` installs (pip constraints), for Python 3.11 on Linux."; \
 	  echo "# Regenerate with \`make lock\`: the newest releases pyproject.toml allows, with $(TORCH_SPEC) (CPU)."; \
 	  echo "# Resolved on $$(date -u +%Y-%m-%d) with extras [$(EXTRAS)]."; \
@@ -53,9 +53,9 @@ test: install
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PY) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/python -m pip install $(PIP_QUIET) -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install $(PIPFLAGS) --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install $(PIPFLAGS) "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install $(PIPFLAGS) -e ".[dev]"
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|safetensors|numpy|pillow|starlette|uvicorn)=='
 	$(LATEST_VENV)/bin/python -m pytest $(SMOKE)
 
@@ -63,10 +63,10 @@ test-latest:
 test-oldest:
 	rm -rf $(OLDEST_VENV)
 	$(PY) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install $(PIPFLAGS) --upgrade pip
 	$(PY) tools/pins.py lowest > $(OLDEST_VENV)/lowest.txt
-	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) -c $(OLDEST_VENV)/lowest.txt "$(TORCH_SPEC)"
-	$(OLDEST_VENV)/bin/python -m pip install $(PIP_QUIET) -c $(OLDEST_VENV)/lowest.txt -e ".[dev]"
+	$(OLDEST_VENV)/bin/python -m pip install $(PIPFLAGS) -c $(OLDEST_VENV)/lowest.txt "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install $(PIPFLAGS) -c $(OLDEST_VENV)/lowest.txt -e ".[dev]"
 	$(OLDEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|safetensors|numpy|pillow|starlette|uvicorn)=='
 	$(OLDEST_VENV)/bin/python -m pytest $(SMOKE)
 
