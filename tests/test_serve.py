@@ -666,26 +666,48 @@ def test_hires_serve_command(model_dir):
 # --- the web page ------------------------------------------------------------------------------------
 
 def test_web_page_in_chromium(served, ref, tmp_path):
+    """The page: the served method's plan drawn once over the image; every method's plan overlay
+    side by side with the visual tokens and TFLOPs of the plan and the cost model; a two-turn chat
+    whose second request carries the first turn and its answer."""
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from hires_lmm.plan import METHODS, plan_image
+    from hires_lmm.plan.cost import plan_cost
+
     photo = tmp_path / "photo.png"
     picture(800, 600, 7).save(photo)
     img = Image.open(photo).convert("RGB")
     plan = ref.plan(img.size)
     want = greedy(ref, "<image>\nWhat is in the image?", [img], 24)
+    all_done = "[...document.querySelectorAll('#compare .card')].every((c) => c.dataset.state === 'done')"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            sent: list[dict] = []
+            page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
             page.goto(served.url + "/")
             page.wait_for_function(f"document.getElementById('model').textContent.includes('{NAME}')")
             page.set_input_files("#file", str(photo))
-            page.wait_for_selector("#overlay[src^='data:image/png']", state="visible")
+            page.wait_for_function("document.getElementById('plan-summary').textContent.includes('visual tokens')")
             assert page.locator("#boxes rect").count() == sum(v.box is not None for v in plan.views)
             assert f"{plan.num_visual_tokens} visual tokens" in page.inner_text("#plan-summary")
+            # the image is shown once (the overlay pictures are the comparison's)
+            assert page.locator("main > section:first-child img").count() == 1
+            # the comparison: every method's overlay, visual tokens and TFLOPs
+            page.wait_for_function(all_done, timeout=120_000)
+            assert page.locator("#compare .card").count() == len(METHODS)
+            for m in METHODS:
+                mp = plan_image(m, img.size, **(ref.config.plan_options if m == ref.config.method else {}))
+                card = page.locator(f"#compare .card[data-method='{m}']")
+                assert card.get_attribute("data-tokens") == str(mp.num_visual_tokens), m
+                assert card.locator(".tflops").inner_text() == f"{plan_cost(mp).total_flops / 1e12:.2f}", m
+                assert card.locator("img").get_attribute("src").startswith("data:image/png;base64,"), m
+                assert ("served" in card.get_attribute("class")) == (m == ref.config.method)
+            # the chat: a first turn, streamed ...
             page.fill("#question", "What is in the image?")
             page.fill("#max-tokens", "24")
             page.click("#ask")
@@ -693,11 +715,29 @@ def test_web_page_in_chromium(served, ref, tmp_path):
             assert page.evaluate("window.lastAnswer") == want
             assert int(page.get_attribute("#status", "data-chunks")) >= 2  # it arrived in pieces
             assert "prompt tokens" in page.inner_text("#status")
+            # ... and a second, sent with the first turn and its answer
+            page.fill("#question", "And what else?")
+            page.click("#ask")
+            page.wait_for_function("document.getElementById('status').dataset.state === 'done' && "
+                                   "document.querySelectorAll('#chat .msg.assistant').length === 2", timeout=60_000)
+            assert len(sent) == 2
+            msgs = sent[1]["messages"]
+            assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+            assert msgs[0]["content"][0]["type"] == "image_url" and msgs[1]["content"] == want
+            assert msgs[2]["content"] == [{"type": "text", "text": "And what else?"}]  # the image went once
+            body = {k: v for k, v in sent[1].items() if k not in ("stream", "stream_options")}
+            status, reply = chat(served.url, body)
+            assert status == 200
+            assert page.evaluate("window.lastAnswer") == reply["choices"][0]["message"]["content"]
+            assert page.locator("#chat .msg.user").count() == 2 and page.locator("#chat .msg .thumb").count() == 1
+            assert page.locator("#chat .msg.assistant").nth(0).inner_text() == want
             shot = tmp_path / "serve-page.png"
             page.screenshot(path=str(shot), full_page=True)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, ARTIFACTS / "serve-page.png")
-            # dropping a file works as well as picking one
+            page.click("#new-chat")
+            assert page.locator("#chat .msg").count() == 0
+            # dropping a file works as well as picking one; the comparison follows the new image
             small = base64.b64encode(png_bytes(picture(300, 200, 8))).decode()
             page.evaluate("""(b64) => {
                 const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -706,6 +746,9 @@ def test_web_page_in_chromium(served, ref, tmp_path):
                 document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true }));
             }""", small)
             page.wait_for_function("document.getElementById('plan-summary').textContent.includes('300×200')")
+            page.wait_for_function(all_done, timeout=120_000)
+            nxt = page.locator("#compare .card[data-method='llava-next']").get_attribute("data-tokens")
+            assert nxt == str(plan_image("llava-next", (300, 200)).num_visual_tokens)
             assert not errors, errors
         finally:
             browser.close()

@@ -5,11 +5,13 @@ Endpoints:
 * ``POST /v1/chat/completions``: OpenAI's request and response shapes, ``stream`` as server-sent
   ``chat.completion.chunk`` events ending with ``data: [DONE]``.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
-* ``POST /v1/plan``: ``{"image": data URL, "method"?, "overlay"?}`` → the plan JSON and the
-  overlay picture (a PNG data URL); ``?format=png`` answers the PNG itself.
+* ``POST /v1/plan``: ``{"image": data URL, "method"?, "overlay"?}`` → the plan JSON, its cost
+  (``hires cost``'s JSON: visual tokens and TFLOPs per image with full-size encoders and a 7B LLM,
+  for the page's comparison) and the overlay picture (a PNG data URL); ``?format=png`` answers
+  the PNG itself.
 * ``GET /health``: ``{"status": "ok", ...}`` with the engine's counters (running, waiting,
   ``max_batch_size_seen``, ...).
-* ``GET /``: the web page.
+* ``GET /``: the web page (:mod:`.page`: the plan, every method's plan and cost side by side, a chat).
 
 The event loop only moves bytes: bodies are parsed and images decoded, planned and rendered on a
 small thread pool, and the model runs on the engine's own thread (:mod:`.engine`).
@@ -37,11 +39,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..model import HiresLMM
-from ..plan import METHODS
+from ..plan import METHODS, plan_image
+from ..plan.cost import plan_cost
 from .config import MiB
 from .engine import Engine, GenRequest
 from .errors import APIError
-from .page import PAGE
+from .page import render_page
 from .protocol import parse_chat_request, parse_json_body, parse_plan_request
 from .service import ServeConfig, Service
 
@@ -114,6 +117,7 @@ class Server:
                              max_waiting=config.max_waiting)  # the engine's tokenizer is its own (see Service)
         self.pool: ThreadPoolExecutor | None = None
         self.started = time.time()
+        self.page_html = render_page(METHODS)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         assert self.pool is not None
@@ -127,7 +131,7 @@ class Server:
 
     # --- routes -------------------------------------------------------------------------------------
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(PAGE)
+        return HTMLResponse(self.page_html)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.config.served_model_name,
@@ -152,7 +156,15 @@ class Server:
             out = await self.run(self.service.prepare_plan, req)
             png = base64.b64decode(out["overlay"].split(",", 1)[1])
             return Response(png, media_type="image/png")
-        return JSONResponse(await self.run(self.service.prepare_plan, req))
+        return JSONResponse(await self.run(self._plan_with_cost, req))
+
+    def _plan_with_cost(self, req: Any) -> dict[str, Any]:
+        """The plan answer plus the plan's cost (the page compares methods by it)."""
+        out = self.service.prepare_plan(req)
+        cfg = self.service.model.config
+        options = cfg.plan_options if out["method"] == cfg.method else {}  # as prepare_plan planned it
+        out["cost"] = plan_cost(plan_image(out["method"], tuple(out["plan"]["image_size"]), **options)).to_json()
+        return out
 
     async def chat(self, request: Request) -> Response:
         data = await self.json_body(request)
