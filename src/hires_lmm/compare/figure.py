@@ -50,7 +50,7 @@ def plot_accuracy_tflops(methods: dict[str, dict[str, Any]], pareto: Sequence[st
         ax.errorbar(xs, ys, yerr=err if any(err) else None, fmt="-o" if len(entries) > 1 else "o", color=c,
                     markersize=8, markeredgecolor="black", capsize=4, label=method, zorder=3)
         for key, m in entries:
-            text = key if len(entries) == 1 else f"{m['max_visual_tokens']}"
+            text = key if len(entries) == 1 else f"≤{m['max_visual_tokens']}"
             ax.annotate(text, (m["tflops"], m["accuracy"]), textcoords="offset points", xytext=(7, 6), color=c,
                         fontsize=9)
     front = [methods[k] for k in pareto if k in methods]
@@ -63,6 +63,14 @@ def plot_accuracy_tflops(methods: dict[str, dict[str, Any]], pareto: Sequence[st
     if chance is not None:
         ax.axhline(chance, linestyle=":", color="#888888", label=f"chance ({chance:.1f} %)")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    xs_all = [m["tflops"] for m in methods.values()]
+    ax.set_xlim(min(xs_all) / 1.25, max(xs_all) * 1.25)  # room for the labels at both ends
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 8.5, not 8.5x10^0
+    ax.xaxis.set_major_formatter(plain)
+    # within one decade the minor ticks are the only ones: label them too
+    ax.xaxis.set_minor_formatter(plain if max(xs_all) / min(xs_all) < 20 else NullFormatter())
     ax.set_xlabel("TFLOPs per image (cost model)")
     ax.set_ylabel("accuracy (%)")
     lo = min(0.0, min(m["accuracy"] - m.get("accuracy_spread", 0.0) for m in methods.values()))
