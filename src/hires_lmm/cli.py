@@ -41,6 +41,31 @@ def _sizes(texts: Sequence[str]) -> list[tuple[int, int]]:
         raise CLIError(str(e)) from None
 
 
+def _budget(text: str) -> int:
+    """``--max-visual-tokens``: a positive integer (argparse prints the message as one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (a visual-token count), got {text!r}")
+    return value
+
+
+def _plan_or_refuse(command: str, method: str, size: tuple[int, int], budget: int | None) -> Plan | None:
+    """The plan, or None after printing a budget refusal as one error line (the caller goes on
+    with the other methods and sizes, and exits with status 2 at the end)."""
+    from .plan import BudgetError
+
+    if budget is None:
+        return plan_image(method, size)
+    try:
+        return plan_image(method, size, max_visual_tokens=budget)
+    except BudgetError as e:
+        print(f"hires {command}: error: {one_line(e)}", file=sys.stderr)
+        return None
+
+
 def _fmt_box(box: Sequence[float] | None) -> str:
     if box is None:
         return "-"
@@ -53,7 +78,8 @@ def format_plan(plan: Plan) -> str:
     seps = " ".join(repr(s)[1:-1] for s in plan.separators) or "-"
     w, h = plan.image_size
     lines = [f"{plan.method}  image {w}x{h}  grid {grid}  views {len(plan.views)}  "
-             f"visual tokens {plan.num_visual_tokens}" + (" (upper bound)" if plan.extra.get("bound") else ""),
+             f"visual tokens {plan.num_visual_tokens}" + (" (upper bound)" if plan.extra.get("bound") else "")
+             + _fmt_budget(plan.extra),
              f"  separators: {seps}",
              f"  {'#':>3}  {'role':<10} {'size':<11} {'cell':<6} source box / stride"]
     for i, v in enumerate(plan.views):
@@ -63,6 +89,15 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {i:>3}  {v.role:<10} {v.size[0]}x{v.size[1]:<{10 - len(str(v.size[0]))}} {cell:<6} {where}")
     lines.append("  tokens: " + " + ".join(f"{g.count} {g.source}" for g in _merge_groups(plan)))
     return "\n".join(lines)
+
+
+def _fmt_budget(extra: dict[str, Any]) -> str:
+    """``  budget B (choice)`` for a plan made under a budget, else nothing."""
+    if "max_visual_tokens" not in extra:
+        return ""
+    choice = ", ".join(f"{k}={'; '.join('x'.join(map(str, p)) for p in v) if k == 'pinpoints' else v}"
+                       for k, v in extra.get("budget_choice", {}).items())
+    return f"  budget {extra['max_visual_tokens']}" + (f" ({choice})" if choice else "")
 
 
 def _merge_groups(plan: Plan) -> list:
@@ -98,9 +133,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out and not any(p for p, _ in targets):
         raise CLIError("--out draws the plan over an image: give an image path")
     n_pictures = sum(1 for p, _ in targets if p) * len(methods)
+    refused = 0
     for path, size in targets:
         for m in methods:
-            plan = plan_image(m, size)
+            plan = _plan_or_refuse("plan", m, size, args.max_visual_tokens)
+            if plan is None:  # refused by the budget: said on stderr, the others still planned
+                refused += 1
+                continue
             if args.json:
                 print(json.dumps(plan.to_json()))
             else:
@@ -117,14 +156,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 except (OSError, ValueError) as e:  # unwritable place, unknown image extension
                     raise CLIError(f"--out {out}: cannot write the picture ({one_line(e)})") from None
                 print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return 2 if refused else 0
 
 
 def format_cost(rep) -> str:  # noqa: ANN001 - CostReport
     t = 1e12
     w, h = rep.image_size
     lines = [f"{rep.method}  image {w}x{h}  visual tokens {rep.num_visual_tokens}  "
-             f"LLM {rep.llm_params / 1e9:g}B (hidden {rep.llm_hidden})"]
+             f"LLM {rep.llm_params / 1e9:g}B (hidden {rep.llm_hidden})"
+             + _fmt_budget({"max_visual_tokens": rep.max_visual_tokens, "budget_choice": rep.budget_choice}
+                           if rep.max_visual_tokens is not None else {})]
     for v in rep.views:
         lines.append(f"  vision  {v.role:<10} {v.size[0]}x{v.size[1]:<6} {v.encoder:<8} {v.tokens:>6} tokens  {v.flops / t:8.3f} TFLOPs")
     for k, v in rep.connector_parts.items():
@@ -141,11 +182,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     if args.llm_params <= 0:
         raise CLIError("--llm-params must be positive")
+    refused = 0
     for size in _sizes(args.size):
         for m in _methods(args.method):
-            rep = plan_cost(plan_image(m, size), llm_params=args.llm_params, llm_hidden=args.llm_hidden)
+            plan = _plan_or_refuse("cost", m, size, args.max_visual_tokens)
+            if plan is None:  # refused by the budget: said on stderr, the others still costed
+                refused += 1
+                continue
+            rep = plan_cost(plan, llm_params=args.llm_params, llm_hidden=args.llm_hidden)
             print(json.dumps(rep.to_json()) if args.json else format_cost(rep) + "\n")
-    return 0
+    return 2 if refused else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -244,6 +290,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``--max-visual-tokens`` of ``hires plan`` and ``hires cost``
+BUDGET_HELP = ("visual-token budget: each method plans its largest faithful configuration within B tokens "
+               "(docs/methods.md); a method that cannot is refused on one stderr line naming its smallest "
+               "count, the others still run, and the exit status is 2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hires", description="High-resolution multimodal LLMs of the LLaVA family.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -255,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--out", help="draw the plan over the image into this PNG")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb limit")
+    p.add_argument("--max-visual-tokens", type=_budget, metavar="B", help=BUDGET_HELP)
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("cost", help="visual tokens and TFLOPs per image, from the plan alone")
@@ -263,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--llm-params", type=float, default=7e9, help="LLM parameter count (default 7e9)")
     c.add_argument("--llm-hidden", type=int, default=None, help="LLM hidden size (default: from --llm-params)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--max-visual-tokens", type=_budget, metavar="B", help=BUDGET_HELP)
     c.set_defaults(func=cmd_cost)
 
     i = sub.add_parser("inspect", help="build a model and run a real forward on a random image")

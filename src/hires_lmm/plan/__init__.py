@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .anyres import NEXT_PINPOINTS, plan_llava_next, select_best_resolution
+from .budget import BudgetError
 from .common import check_size, parse_size
 from .hr import plan_llava_hr
 from .inf import plan_inf_llava
@@ -45,7 +46,12 @@ def plan_image(method: str, size: Size, **options: Any) -> Plan:
     """Plan how ``method`` looks at an image of ``size = (w, h)``.
 
     ``options`` are the planner's keyword arguments (e.g. ``S=1536`` for LLaVA-HR,
-    ``prescale_long_side=1024`` for LLaVA-UHD).
+    ``prescale_long_side=1024`` for LLaVA-UHD). Every planner takes ``max_visual_tokens=B``: the
+    largest faithful configuration planning at most B visual tokens, or a :class:`BudgetError`
+    naming the method, the budget and the smallest count possible (see ``plan/budget.py``).
+
+    >>> plan_image("llava-hr", (800, 600), max_visual_tokens=1000).extra["budget_choice"]
+    {'S': 768}
     """
     try:
         planner = PLANNERS[method]
@@ -54,5 +60,5 @@ def plan_image(method: str, size: Size, **options: Any) -> Plan:
     return planner(size, **options)
 
 
-__all__ = ["METHODS", "NEXT_PINPOINTS", "PLANNERS", "Canvas", "Plan", "Size", "TokenGroup", "View",
+__all__ = ["METHODS", "BudgetError", "NEXT_PINPOINTS", "PLANNERS", "Canvas", "Plan", "Size", "TokenGroup", "View",
            "check_size", "parse_size", "plan_image", "select_best_resolution"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .budget import check_budget, record_budget, refuse
 from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
@@ -76,13 +77,37 @@ def unpadded_grid(size: Size, grid_cols: int, grid_rows: int, tile_patches: int 
     return cur_w, cur_h
 
 
+def pinpoint_tokens(size: Size, pinpoint: Size, side: int = 336, patch: int = 14) -> int:
+    """Visual tokens of ``size`` planned on ``pinpoint``: base + unpadded tile map + newlines.
+
+    The unpadded map depends on the image's aspect ratio, so the count of a pinpoint does too.
+    """
+    g = side // patch
+    ucols, urows = unpadded_grid(size, pinpoint[0] // side, pinpoint[1] // side, g)
+    return g * g + ucols * urows + urows
+
+
 def plan_llava_next(size: Size, *, side: int = 336, patch: int = 14,
-                    pinpoints: Sequence[Size] = NEXT_PINPOINTS) -> Plan:
+                    pinpoints: Sequence[Size] = NEXT_PINPOINTS, max_visual_tokens: int | None = None) -> Plan:
     """Base view (image squashed to ``side``) then the pinpoint's tiles, row-major.
 
     Tokens: (side/patch)² base + unpadded tile map + one ``image_newline`` per unpadded row.
+
+    ``max_visual_tokens``: the grid pinpoints are restricted to those whose count for this image
+    fits (their order kept), then the usual best-resolution choice runs among them; no fitting
+    pinpoint is a refusal. With every pinpoint fitting, the plan is the unbudgeted one.
     """
     size = check_size(size)
+    if max_visual_tokens is not None:
+        budget = check_budget(max_visual_tokens)
+        pins = [(int(w), int(h)) for w, h in pinpoints]
+        counts = [pinpoint_tokens(size, p, side, patch) for p in pins]
+        fitting = [p for p, n in zip(pins, counts) if n <= budget]
+        if not fitting and pins:  # (no pinpoints at all: the planner's own error below)
+            n, p = min(zip(counts, pins))
+            raise refuse("llava-next", size, budget, n, f"pinpoint {p[0]}x{p[1]}")
+        plan = plan_llava_next(size, side=side, patch=patch, pinpoints=pinpoints if len(fitting) == len(pins) else fitting)
+        return record_budget(plan, budget, {"pinpoints": [list(p) for p in fitting]})
     best = select_best_resolution(size, pinpoints)
     cols, rows = best[0] // side, best[1] // side
     canvases = (Canvas(size=(side, side), resize=(side, side)), padded_canvas(size, best, "black"))

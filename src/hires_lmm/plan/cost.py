@@ -72,6 +72,9 @@ class CostReport:
     connector_flops: float = 0.0
     connector_parts: dict[str, float] = field(default_factory=dict)
     llm_flops: float = 0.0
+    #: the plan's visual-token budget and what it chose, when planned under one (else None / {})
+    max_visual_tokens: int | None = None
+    budget_choice: dict = field(default_factory=dict)
 
     @property
     def vision_flops(self) -> float:
@@ -100,6 +103,9 @@ class CostReport:
                  "tflops": v.flops / t} for v in self.views
             ],
             "connector_parts_tflops": {k: v / t for k, v in self.connector_parts.items()},
+            # only under a budget, so the JSON of an unbudgeted cost stays exactly as it was
+            **({"max_visual_tokens": self.max_visual_tokens, "budget_choice": self.budget_choice}
+               if self.max_visual_tokens is not None else {}),
         }
 
 
@@ -151,7 +157,9 @@ def plan_cost(plan: Plan, *, llm_params: float = 7e9, llm_hidden: int | None = N
     D = llm_hidden or llm_hidden_for(llm_params)
     d = vit.width
     p = plan.patch_size
-    rep = CostReport(plan.method, plan.image_size, plan.num_visual_tokens, llm_params, D)
+    rep = CostReport(plan.method, plan.image_size, plan.num_visual_tokens, llm_params, D,
+                     max_visual_tokens=plan.extra.get("max_visual_tokens"),
+                     budget_choice=dict(plan.extra.get("budget_choice", {})))
     parts: dict[str, float] = {}
     m = plan.method
     for v in plan.views:

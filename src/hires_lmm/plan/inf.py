@@ -8,15 +8,25 @@ averaged with the thumbnail features, so the LLM gets (336/14)² = 576 tokens.
 
 from __future__ import annotations
 
+from .budget import check_budget, fit_budget
 from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
 
-def plan_inf_llava(size: Size, *, n: int = 3, side: int = 336, patch: int = 14, path: str = "train") -> Plan:
+def plan_inf_llava(size: Size, *, n: int = 3, side: int = 336, patch: int = 14, path: str = "train",
+                   max_visual_tokens: int | None = None) -> Plan:
     """``path="train"`` (default): the training loader's processor makes the 1008 canvas with PIL
     (pad, resize). ``path="eval"``: the evaluation loader's processor makes a 336 canvas and the
-    model upsamples it bicubically (torch) to 1008; the thumbnail is then the 336 canvas itself."""
+    model upsamples it bicubically (torch) to 1008; the thumbnail is then the 336 canvas itself.
+
+    ``max_visual_tokens``: the DEM output is always pooled to the thumbnail's (side/patch)² grid,
+    whatever ``n``, so the count is fixed: accepted when within the budget, refused otherwise.
+    """
     size = check_size(size)
+    if max_visual_tokens is not None:
+        budget = check_budget(max_visual_tokens)
+        return fit_budget("inf-llava", size, budget,
+                          [({}, lambda: plan_inf_llava(size, n=n, side=side, patch=patch, path=path))])
     S = n * side
     if path == "train":
         canvases: tuple[Canvas, ...] = (Canvas(size=(S, S), resize=(S, S), pad_square=True, fill="mean"),)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from .anyres import padded_canvas, select_best_resolution
+from .budget import check_budget, fit_budget
 from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
@@ -25,9 +26,30 @@ def local_candidates(size: Size, side: int = 336, max_tiles: int = 6) -> list[Si
     return [(i * side, (k // i) * side) for k in counts for i in range(1, k + 1) if k % i == 0]
 
 
+#: SliME's local view never plans fewer than s = 2 (the reference bumps s = 1 to 2), so a budget
+#: lowers the tile cap no further than this
+MIN_TILE_CAP = 2
+
+
 def plan_slime(size: Size, *, side: int = 336, patch: int = 14, local_queries: int = 144,
-               max_tiles: int = 6) -> Plan:
+               max_tiles: int = 6, max_visual_tokens: int | None = None) -> Plan:
+    """The global view, then the local tiles of the grid chosen as anyres chooses pinpoints.
+
+    Planned tokens = (side/patch)² + 1 + ``local_queries``·tiles, an upper bound (the text-guided
+    selector keeps fewer); a budget applies to this bound, the count known before encoding.
+
+    ``max_visual_tokens``: the reference's tile cap (the 6 of ``select_best_resolution_uhd``,
+    here ``max_tiles``) is lowered one by one, down to 2, until the plan fits; the cap limits s,
+    and the grid may hold s+1 tiles, so the search checks each plan's own count.
+    """
     size = check_size(size)
+    if max_visual_tokens is not None:
+        budget = check_budget(max_visual_tokens)
+        caps = [max_tiles, *range(max_tiles - 1, MIN_TILE_CAP - 1, -1)]
+        return fit_budget("slime", size, budget,
+                          [({"max_tiles": t}, lambda t=t: plan_slime(size, side=side, patch=patch,
+                                                                     local_queries=local_queries, max_tiles=t))
+                           for t in caps])
     best = select_best_resolution(size, local_candidates(size, side, max_tiles))
     cols, rows = best[0] // side, best[1] // side
     canvases: tuple[Canvas, ...] = (Canvas(size=(side, side), resize=(side, side)),

@@ -153,8 +153,8 @@ class Plan:
         return self.prescale or self.image_size
 
     def to_json(self) -> dict[str, Any]:
-        """The ``hires plan --json`` object."""
-        return {
+        """The ``hires plan --json`` object (with the budget and its choice when planned under one)."""
+        out: dict[str, Any] = {
             "method": self.method,
             "image_size": list(self.image_size),
             "grid": None if self.grid is None else list(self.grid),
@@ -162,6 +162,11 @@ class Plan:
             "separators": list(self.separators),
             "num_visual_tokens": self.num_visual_tokens,
         }
+        # only under a budget: the JSON of an unbudgeted plan stays exactly as it was
+        for key in ("max_visual_tokens", "budget_choice"):
+            if key in self.extra:
+                out[key] = self.extra[key]
+        return out
 
     def views_with_role(self, role: str) -> list[View]:
         return [v for v in self.views if v.role == role]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from .budget import check_budget, fit_budget
 from .common import check_size, grid_boxes
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
 
@@ -78,7 +79,7 @@ def prescale_size(size: Size, long_side: int) -> Size:
 
 def plan_llava_uhd(size: Size, *, arxiv: bool = False, max_slices: int | None = None,
                    side: int = 336, patch: int = 14, queries: int | None = None,
-                   prescale_long_side: int | None = None) -> Plan:
+                   prescale_long_side: int | None = None, max_visual_tokens: int | None = None) -> Plan:
     """Slices (row-major, each followed by "," or "\\n" at a row end) then the overview.
 
     Tokens: ``queries``·(N+1) + N when sliced into N slices, ``queries`` otherwise
@@ -86,12 +87,24 @@ def plan_llava_uhd(size: Size, *, arxiv: bool = False, max_slices: int | None = 
 
     ``prescale_long_side=1024`` reproduces the v1 eval loader, which first resizes every image
     to a long side of 1024 (bicubic) before slicing; off by default, as in training.
+
+    ``max_visual_tokens``: the reference's own knob, ``max_slice_nums``, is lowered from
+    ``max_slices`` one by one until the plan fits (its slice count never grows as the limit
+    drops); at 1 the image is not sliced (the overview alone, ``queries`` tokens), below that
+    the budget is refused.
     """
     size = check_size(size)
     if max_slices is None:
         max_slices = 6 if arxiv else 7
     if queries is None:
         queries = 64 if arxiv else 144
+    if max_visual_tokens is not None:
+        budget = check_budget(max_visual_tokens)
+        limits = [max_slices, *range(max_slices - 1, 0, -1)]
+        return fit_budget("llava-uhd-arxiv" if arxiv else "llava-uhd", size, budget,
+                          [({"max_slices": k}, lambda k=k: plan_llava_uhd(
+                              size, arxiv=arxiv, max_slices=k, side=side, patch=patch, queries=queries,
+                              prescale_long_side=prescale_long_side)) for k in limits])
     src = prescale_size(size, prescale_long_side) if prescale_long_side else size
     grid = best_grid(src, max_slices, side, arxiv)
     method = "llava-uhd-arxiv" if arxiv else "llava-uhd"
