@@ -223,6 +223,39 @@ def test_llava_next_pinpoint_order_decides_ties_the_same(tmp_path):
     assert _compare(model, hf, proc, img) < ATOL
 
 
+def _tiny_variant(method: str, *, siglip: bool = False, tied: bool = False) -> HiresLMM:
+    from hires_lmm.methods import build_from_config, tiny_config
+    from hires_lmm.text import build_byte_tokenizer
+
+    torch.manual_seed(3)
+    tok = build_byte_tokenizer()
+    cfg = tiny_config(method, len(tok))
+    if siglip:
+        cfg.vision_config = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": 336, "patch_size": 14}
+    cfg.text_config["tie_word_embeddings"] = tied
+    return build_from_config(cfg, tok).eval()
+
+
+@pytest.mark.parametrize(("method", "to", "siglip", "tied"), [("llava-next", "hf-llava-next", True, False),
+                                                              ("llava-1.5", "hf-llava", False, True)])
+def test_siglip_tower_and_tied_embeddings_export_verified(tmp_path, method, to, siglip, tied):
+    """SigLIP has no CLS: strategy "full", no extra image token; a tied LM head is stored once.
+    ``verify=True`` checks logits, pixels and the <image> expansion on five image sizes."""
+    from safetensors import safe_open
+
+    _tiny_variant(method, siglip=siglip, tied=tied).save_pretrained(tmp_path / "src")
+    report = export_checkpoint(tmp_path / "src", tmp_path / "hf", to=to, verify=True)
+    assert report.verify["max_logit_diff"] < ATOL and len(report.verify["sizes"]) == 5
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    proc = json.loads((tmp_path / "hf" / "processor_config.json").read_text())
+    assert cfg["vision_feature_select_strategy"] == ("full" if siglip else "default")
+    assert proc["num_additional_image_tokens"] == (0 if siglip else 1)
+    assert cfg["tie_word_embeddings"] is tied
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert ("language_model.lm_head.weight" in set(f.keys())) is not tied
+
+
 # =========================================================================== generation, chat template
 
 
@@ -310,7 +343,7 @@ def test_cli_export_verify_and_errors(tmp_path, capsys, ex15):
     _model, src, _dst, _ = ex15
     out = tmp_path / "out"
     assert run_cli("export", "--to", "hf-llava", str(src), str(out), "--verify", "--json") == 0
-    rep = json.loads(capsys.readouterr()[0])
+    rep = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])  # the report is the last line
     assert rep["architecture"] == "LlavaForConditionalGeneration" and rep["dst"] == str(out)
     assert rep["verify"]["max_logit_diff"] < ATOL and rep["verify"]["max_pixel_diff"] < 1e-5
     assert (out / "model.safetensors").is_file()
