@@ -1,11 +1,10 @@
 """Evaluation: metrics on worked examples, predict (format, resume, shards, bad images), evaluate,
-chat, the CLI and the lmms-eval adapter."""
+chat and the CLI (the lmms-eval adapter: tests/test_lmms_eval.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -467,114 +466,3 @@ def test_cli_errors(env, tmp_path, capsys):
         main(["eval", "--answers-file", "a", "--ground-truth", "b", "--metric", "bleu"])
     code = main(["chat", "--model", str(env["model_dir"]), "--image", str(tmp_path / "missing.png"), "hi"])
     assert code == 2 and "missing.png" in capsys.readouterr().err
-
-
-# --- lmms-eval adapter ------------------------------------------------------------------------------
-
-
-class FakeInstance:
-    """The parts of lmms-eval's ``Instance`` a model reads."""
-
-    def __init__(self, request_type: str, arguments: tuple, idx: int = 0):
-        self.request_type, self.arguments, self.idx = request_type, arguments, idx
-
-    @property
-    def args(self) -> tuple:
-        return self.arguments
-
-
-def _docs(env) -> list[dict]:
-    return [{"image": Image.open(env["images"] / f"im{k}.png").convert("RGB"), "q": f"Question {k}?"} for k in range(3)]
-
-
-def test_lmms_eval_adapter_generate_until(env):
-    from hires_lmm.eval.lmms_eval import HiresLMMEval
-
-    lm = HiresLMMEval(pretrained=str(env["model_dir"]), batch_size="2")
-    assert lm.template == "vicuna_v1" and lm.batch_size == 2 and lm.rank == 0 and lm.world_size == 1
-    docs = _docs(env)
-    lm.task_dict = {"toy": {"test": docs}}
-    to_visual = lambda doc: [doc["image"]]  # noqa: E731
-    greedy = {"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0, "do_sample": False}
-    other = {"until": "###", "max_new_tokens": 2}
-    reqs = [FakeInstance("generate_until", (docs[0]["q"], greedy, to_visual, 0, "toy", "test")),
-            FakeInstance("generate_until", (docs[1]["q"], other, to_visual, 1, "toy", "test")),
-            FakeInstance("generate_until", ("<image> " + docs[2]["q"], greedy, to_visual, 2, "toy", "test"))]
-    got = lm.generate_until(reqs)
-    m = lm.model
-    def gen(prompt: str, doc: dict, n: int, stop: str) -> str:
-        return m.generate([prompt], [[doc["image"]]], max_new_tokens=n, stop=[stop], template="vicuna_v1")[0].strip()
-
-    want = [gen("<image>\n" + docs[0]["q"], docs[0], 3, "\n\n"), gen("<image>\n" + docs[1]["q"], docs[1], 2, "###"),
-            gen("<image> " + docs[2]["q"], docs[2], 3, "\n\n")]
-    assert got == want
-    with pytest.raises(NotImplementedError):
-        lm.generate_until_multi_round(reqs)
-
-
-def test_lmms_eval_adapter_loglikelihood(env):
-    import torch
-
-    from hires_lmm.data.templates import get_template
-    from hires_lmm.eval.lmms_eval import HiresLMMEval
-
-    lm = HiresLMMEval(pretrained=env["model"])
-    docs = _docs(env)
-    lm.task_dict = {"toy": {"test": docs}}
-    m, tok = lm.model, lm.model.tokenizer
-    im = m.prepare_image(docs[0]["image"])
-    to_visual = lambda doc: [doc["image"]]  # noqa: E731
-    # the reply " ok</s>" after the prompt: one forward per prefix, independent of the adapter's path
-    prompt = get_template("vicuna_v1").prompt(tok, "<image>\n" + docs[0]["q"])
-    reply = tok(" ok", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    nll, greedy = [], []
-    for i, t in enumerate(reply):
-        with torch.no_grad():
-            logits = m([torch.tensor(prompt + reply[:i])], [[im]]).logits[0, -1].float()
-        nll.append(-float(torch.log_softmax(logits, -1)[t]))
-        greedy.append(int(logits.argmax()) == t)
-    (loss, is_greedy), (loss2, _) = lm.loglikelihood([
-        FakeInstance("loglikelihood", (docs[0]["q"], "ok", to_visual, 0, "toy", "test")),
-        FakeInstance("loglikelihood", (docs[0]["q"], lambda doc: "no", to_visual, 0, "toy", "test"))])
-    assert loss == pytest.approx(sum(nll) / len(nll), abs=1e-4) and is_greedy == all(greedy)
-    assert loss2 > 0 and loss2 != pytest.approx(loss)
-
-
-def test_lmms_eval_adapter_loglikelihood_exact_values(env):
-    """With the final norm zeroed every logit is 0: each token's loss is log V, ties go to token 0."""
-    from hires_lmm.eval.lmms_eval import HiresLMMEval
-    from hires_lmm.methods import build_model
-
-    m = build_model("llava-1.5", tiny=True, seed=0)
-    m.llm.model.norm.weight.data.zero_()
-    lm = HiresLMMEval(pretrained=m)
-    docs = _docs(env)
-    lm.task_dict = {"toy": {"test": docs}}
-    V = m.llm.get_output_embeddings().weight.shape[0]
-    to_visual = lambda doc: [doc["image"]]  # noqa: E731
-    out = lm.loglikelihood([FakeInstance("loglikelihood", (d["q"], c, to_visual, k, "toy", "test"))
-                            for k, (d, c) in enumerate(zip(docs, ["!", "a much longer answer", lambda doc: ""]))])
-    # the reply ends with </s>, which is not token 0, so never greedy here
-    assert out == [(pytest.approx(math.log(V)), False)] * 3
-
-
-def test_lmms_eval_adapter_create_from_arg_string(env):
-    from hires_lmm.eval.lmms_eval import HiresLMMEval
-
-    lm = HiresLMMEval.create_from_arg_string(f"pretrained={env['model_dir']},template=chatml,max_new_tokens=5",
-                                             {"batch_size": 4, "device": "cpu"})
-    assert (lm.template, lm.batch_size, lm.max_new_tokens) == ("chatml", 4, 5)
-
-
-def test_lmms_eval_registration_when_installed():
-    pytest.importorskip("lmms_eval.api.model")
-    from lmms_eval.api.model import lmms
-
-    import hires_lmm.eval.lmms_eval as mod
-
-    assert mod.HAVE_LMMS_EVAL and issubclass(mod.HiresLMMEval, lmms)
-    try:
-        from lmms_eval.models import get_model
-    except ImportError:
-        from lmms_eval.api.registry import get_model
-    assert get_model("hires_lmm") is mod.HiresLMMEval

@@ -17,7 +17,13 @@
   ``llava_hf``, ``qwen_vl``, … all return the LM's mean loss) and its ``multiple_choice``
   scoring (which takes the *argmin*), the first value is the mean negative log-likelihood of
   those tokens — lower is likelier — not lm-evaluation-harness's summed log-probability;
-  ``is_greedy`` says whether greedy decoding yields every one of them.
+  ``is_greedy`` says whether greedy decoding yields every one of them. Each pair is a
+  :class:`LoglikelihoodResult`, a plain tuple that, with lmms-eval ≥ 0.7, is also a
+  ``GenerationResult``: lmms-eval 0.7's evaluator (``unwrap_generation_output``, up to 0.7.3 at
+  least) turns every model output that is not a string or a ``GenerationResult`` into its
+  ``str()``, so plain ``(loss, is_greedy)`` tuples — what its own models return — reach
+  ``multiple_choice`` scoring as text and fail there; a ``GenerationResult`` whose ``text`` is
+  the tuple comes through unchanged.
 * ``generate_until_multi_round``: not supported (raises NotImplementedError).
 
 Registration: importing this module registers the class under the name ``hires_lmm`` in
@@ -79,6 +85,37 @@ except ImportError:  # pragma: no cover - exercised when lmms-eval is absent
             args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip())
             extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
             return cls(**args, **extra)
+
+
+try:  # lmms-eval >= 0.7 unwraps model outputs; see LoglikelihoodResult
+    from lmms_eval.api.instance import GenerationResult as _ResultBase
+except ImportError:  # no lmms-eval, or one before 0.7 (which keeps outputs as they are)
+
+    class _ResultBase:  # type: ignore[no-redef]
+        """Nothing to add where lmms-eval keeps model outputs as they come."""
+
+
+class LoglikelihoodResult(tuple, _ResultBase):
+    """``(loss, is_greedy)``: a plain tuple (equal to, and unpacked like, one) that is also an
+    lmms-eval ``GenerationResult`` whose ``text`` is that tuple, so lmms-eval 0.7's
+    ``unwrap_generation_output`` hands it to the task unchanged instead of as its ``str()``."""
+
+    __slots__ = ()
+    token_counts = None
+
+    def __new__(cls, loss: float, is_greedy: bool) -> LoglikelihoodResult:
+        return tuple.__new__(cls, (float(loss), bool(is_greedy)))
+
+    def __init__(self, loss: float, is_greedy: bool) -> None:  # the tuple is made in __new__
+        pass
+
+    def __reduce__(self) -> tuple:
+        return (type(self), tuple(self))
+
+    @property
+    def text(self) -> tuple[float, bool]:  # type: ignore[override]
+        """The plain ``(loss, is_greedy)`` tuple (what lmms-eval's unwrapping passes on)."""
+        return tuple(self)  # type: ignore[return-value]
 
 
 def _as_bool(v: Any) -> bool:
@@ -191,16 +228,17 @@ class HiresLMMEval(_Base):
         bar.close()
         return [r if r is not None else "" for r in res]
 
-    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[Any]) -> list[LoglikelihoodResult]:
         """``(loss, is_greedy)`` per request, lmms-eval's convention (see the module doc): the mean
-        negative log-likelihood of the reply tokens, lower is likelier."""
+        negative log-likelihood of the reply tokens, lower is likelier (each a
+        :class:`LoglikelihoodResult`, a tuple)."""
         import torch
 
         from ..data.templates import get_template
         from ..model import IGNORE_INDEX
 
         tpl = get_template(self.template)
-        out: list[tuple[float, bool]] = []
+        out: list[LoglikelihoodResult] = []
         for r in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = self._args(r)[:6]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(self._doc(task, split, doc_id))
@@ -217,9 +255,9 @@ class HiresLMMEval(_Base):
             logits = o.logits[0, where - 1].float()  # the positions predicting the reply's tokens
             target = lab[where]
             nll = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
-            res = (float(nll.mean()) if len(nll) else 0.0, bool((logits.argmax(-1) == target).all()))
+            res = LoglikelihoodResult(float(nll.mean()) if len(nll) else 0.0, bool((logits.argmax(-1) == target).all()))
             out.append(res)
-            self._cache("loglikelihood", r, res)
+            self._cache("loglikelihood", r, tuple(res))
         return out
 
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
@@ -259,4 +297,4 @@ def register_with_lmms_eval() -> bool:
 
 register_with_lmms_eval()
 
-__all__ = ["CLASS_PATH", "HAVE_LMMS_EVAL", "HiresLMMEval", "MODEL_NAME", "lmms_eval_manifest", "register_with_lmms_eval"]
+__all__ = ["CLASS_PATH", "HAVE_LMMS_EVAL", "HiresLMMEval", "LoglikelihoodResult", "MODEL_NAME", "lmms_eval_manifest", "register_with_lmms_eval"]
