@@ -331,6 +331,12 @@ def test_refused_for_a_real_model_and_for_the_wrong_target(tmp_path, ex15):
     lin.save_pretrained(tmp_path / "lin")
     with pytest.raises(ExportError, match="projector 'linear'"):
         export_checkpoint(tmp_path / "lin", tmp_path / "o", to="hf-llava")
+    raw = json.loads((ex15[1] / "config.json").read_text())
+    bad = tmp_path / "side"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**raw, "plan_options": {"side": 448, "patch": 14}}))
+    with pytest.raises(ExportError, match="448px views .* tower is 336px/14"):
+        export_checkpoint(bad, tmp_path / "o", to="hf-llava")  # refused from the config alone
     with pytest.raises(ExportError, match="not 'hires_lmm'"):
         export_checkpoint(ex15[2], tmp_path / "o", to="hf-llava")  # already a transformers directory
     assert not (tmp_path / "o").exists()

@@ -125,7 +125,11 @@ def _geometry(raw: dict[str, Any]) -> tuple[int, int, bool]:
     opts.pop("pinpoints", None)
     if opts:
         raise ExportError(f"plan options {sorted(opts)} have no transformers equivalent")
-    v_side, v_patch = int(vision.get("image_size", 224)), int(vision.get("patch_size", 32))
+    from transformers import AutoConfig
+
+    # the tower's geometry as transformers reads it (its class defaults for fields not stored)
+    tower = AutoConfig.for_model(vtype, **{k: v for k, v in vision.items() if k != "model_type"})
+    v_side, v_patch = int(tower.image_size), int(tower.patch_size)
     if (side, patch) != (v_side, v_patch):
         raise ExportError(f"the plan renders {side}px views with {patch}px patches but the tower is {v_side}px/{v_patch}: "
                           "hires-lmm interpolates position embeddings, transformers' LLaVA does not")
@@ -452,6 +456,8 @@ def verify_export(model: Any, path: str | os.PathLike, to: str,
 
     Both models get the processor's pixels; the processor's pixels are compared with hires-lmm's
     rendering separately, and its expanded ``<image>`` count with the plan's visual tokens.
+
+    A ``model`` in another dtype is cast to float32 in place (the comparison is in float32).
 
     Returns ``{"max_logit_diff", "max_pixel_diff", "sizes"}``.
     """
