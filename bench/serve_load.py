@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             body = {"model": name, "temperature": 0, "max_tokens": args.max_tokens,
                     "messages": [{"role": "user", "content": parts + [{"type": "text", "text": q}]}]}
             prompt, images = (q, []) if args.text_only else ("<image>\n" + q, [img])
-            want = ref.generate([prompt], [images], max_new_tokens=args.max_tokens, template="tokenizer")[0]
+            # the server drops a character cut off by max_tokens (never sends a lone U+FFFD); generate keeps it
+            want = ref.generate([prompt], [images], max_new_tokens=args.max_tokens, template="tokenizer")[0].rstrip("\ufffd")
             cases.append((body, want))
         jobs = [(k % len(cases), cases[k % len(cases)][0]) for k in range(args.requests)]
 

@@ -57,6 +57,14 @@ class HiresConfig(PretrainedConfig):
             raise ValueError("text_config has no model_type")
         return AutoConfig.for_model(model_type, **d)
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:  # noqa: ARG002
+        """The LLM's config object (what transformers' generation reads: layers, heads, vocab).
+
+        ``text_config`` stays a plain dict in config.json and in this object (converters and
+        exporters read it as one), so the object is rebuilt on each call: change the dict, not it.
+        """
+        return self.llm_config()
+
     def vit_config(self) -> PretrainedConfig:
         """The vision encoder's config object, rebuilt from ``vision_config``."""
         from transformers import AutoConfig

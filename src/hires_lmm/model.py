@@ -1,10 +1,26 @@
 """The LMM: plan → render → encode → connect → splice into any Hugging Face causal LM.
 
-:class:`HiresLMM` holds the LLM, the tokenizer and a visual module (:mod:`hires_lmm.visual`) that
-turns the rendered views of a batch of images into LLM-space visual token sequences. Text holds one
+:class:`HiresLMM` is a transformers ``PreTrainedModel`` with ``GenerationMixin`` holding the LLM
+(``llm``), the tokenizer and a visual module (``visual``, :mod:`hires_lmm.visual`) that turns the
+rendered views of a batch of images into LLM-space visual token sequences. Text holds one
 ``<image>`` placeholder per image; :meth:`HiresLMM.build_inputs` replaces each with its image's
-tokens (visual positions never carry a loss). Forward computes logits and the loss;
-:meth:`HiresLMM.generate` decodes a batch with left padding and a KV cache.
+tokens (visual positions never carry a loss).
+
+Two ways in, one model:
+
+* **transformers' tensors** (``HiresProcessor`` output): ``input_ids`` (B, T) with one ``<image>``
+  token per image, ``attention_mask``, ``pixel_values`` (B, V, 3, H, W), ``view_sizes``,
+  ``image_sizes`` (:mod:`hires_lmm.processing`). ``model(**inputs)`` and
+  ``model.generate(**inputs)`` (greedy, sampling, beam search, stop strings, streamers).
+* **lists** (training, the server, older code): ``model(input_ids=[ids, ...], images=[[ImageInput,
+  ...], ...], labels=[...])`` and ``model.generate(prompts, images, max_new_tokens=...)`` → texts.
+
+Splicing changes the sequence length (each ``<image>`` becomes hundreds of tokens, and SliME's
+selector keeps a text-dependent number), so the KV cache after the prefill is longer than the
+``input_ids`` / ``attention_mask`` that ``GenerationMixin`` keeps extending. The prefill records
+the spliced attention mask for its cache (:attr:`HiresLMM._splices`, keyed weakly by the cache
+object); each later step rebuilds its mask and positions as that record + the columns added since,
+so nothing of ``GenerationMixin`` needs to change.
 """
 
 from __future__ import annotations
@@ -13,6 +29,8 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +39,28 @@ from typing import Any
 import torch
 import torch.nn as nn
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat import CACHE_FIELD, cache_kwargs, output_cache
 from .config import HiresConfig
-from .image import DEFAULT_MAX_PIXELS, load_image
-from .image.render import load_and_render, render
+from .errors import ModelLoadError, one_line
+from .image import DEFAULT_MAX_PIXELS
 from .plan import Plan, plan_image
+from .processing import ImageInput, pack_images, prepare_image, unpack_images
 from .text import ensure_image_token, separator_id
 
 IGNORE_INDEX = -100
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
-
-@dataclass
-class ImageInput:
-    """An image ready for the model: its plan and its rendered views ``[(3, h, w), ...]``."""
-
-    plan: Plan
-    views: list[torch.Tensor]
+#: keyword arguments transformers' Auto classes and hub helpers pass to ``from_pretrained``; a
+#: local directory needs none of them
+_HUB_KWARGS = frozenset({"cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision",
+                         "subfolder", "token", "use_auth_token", "trust_remote_code", "_from_auto", "_commit_hash",
+                         "code_revision", "adapter_kwargs", "low_cpu_mem_usage", "use_safetensors", "attn_implementation"})
 
 
 @dataclass
@@ -63,25 +82,6 @@ class Batch:
     num_visual_tokens: list[int]
 
 
-def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
-                  plan_options: dict[str, Any] | None = None, *, fast: bool = False,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:
-    """Load (safely), plan and render one image for ``method`` — no model needed, so data-loader
-    workers can do it.
-
-    ``fast`` plans from the file's header and decodes a reduced copy when the plan needs less
-    than the full resolution (:func:`~hires_lmm.image.render.load_and_render`: 2-4x faster on
-    large JPEGs, within a few grey levels of the exact pixels); the default renders the exact
-    pixels the reference code sees. ``max_pixels`` is the decompression-bomb limit.
-    """
-    if fast and not isinstance(image, Image.Image):
-        plan, views = load_and_render(image, method, plan_options, max_pixels=max_pixels)
-        return ImageInput(plan, views)
-    img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image, max_pixels=max_pixels)
-    plan = plan_image(method, img.size, **(plan_options or {}))
-    return ImageInput(plan, render(img, plan))
-
-
 @dataclass
 class HiresOutput(CausalLMOutputWithPast):
     """The LLM's output plus the spliced :class:`Batch` (a field, so DDP's output handling keeps it).
@@ -93,19 +93,47 @@ class HiresOutput(CausalLMOutputWithPast):
     Attributes:
         loss: mean cross-entropy over labelled tokens, when labels were given.
         logits: (B, T, V) over the spliced sequence.
-        batch: the spliced inputs.
+        batch: the spliced inputs (None on decoding steps, which splice nothing).
     """
 
     batch: Batch | None = None
 
 
-class HiresLMM(nn.Module):
-    """A high-resolution LMM of one method (see :mod:`hires_lmm.methods` for the presets)."""
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting real tokens only: what :meth:`HiresLMM.build_inputs` gives."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def __init__(self, config: HiresConfig, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 visual: nn.Module) -> None:
-        super().__init__()
-        self.config = config
+
+class HiresLMM(PreTrainedModel, GenerationMixin):
+    """A high-resolution LMM of one method (see :mod:`hires_lmm.methods` for the presets).
+
+    Build one with :func:`hires_lmm.methods.build_model` or load one with :meth:`from_pretrained`
+    (also ``AutoModelForImageTextToText`` / ``AutoModelForCausalLM`` after ``import hires_lmm``).
+    Parameter names are those of its parts (``llm.*``, ``visual.*``), as in every saved directory.
+    """
+
+    config_class = HiresConfig
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    # a visual module stays on one device (its views are packed together); the LLM's decoder
+    # layers are added by post_init from the LLM's own list
+    _no_split_modules = ["Llava15Visual", "NextVisual", "UHDVisual", "HRVisual", "INFVisual", "SlimeVisual"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+
+    def __init__(self, config: HiresConfig, llm: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, visual: nn.Module | None = None) -> None:
+        if tokenizer is None:
+            raise ModelLoadError("HiresLMM needs its tokenizer: load a directory with HiresLMM.from_pretrained(dir) "
+                                 "(or an Auto class), or build a preset with hires_lmm.methods.build_model")
+        super().__init__(config)
+        if llm is None:
+            llm = AutoModelForCausalLM.from_config(config.llm_config())
+        if visual is None:
+            from .visual import build_visual
+
+            visual = build_visual(config, llm.get_input_embeddings().embedding_dim)
         self.llm = llm
         self.tokenizer = tokenizer
         self.visual = visual
@@ -122,6 +150,44 @@ class HiresLMM(nn.Module):
         self.separator_ids.update({k: int(v) for k, v in config.connector.get("separator_ids", {}).items()})
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # the tokenizer's ids, not the LLM config's defaults (Llama's 1/2 are not every tokenizer's)
+        self.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id)
+        # spliced attention masks of prefills, per KV cache (see the module docstring)
+        self._splices: weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, int]] = weakref.WeakKeyDictionary()
+        self.post_init()
+
+    def init_weights(self) -> None:
+        """Only ties the LLM's weights: every part is initialised (seeded) when it is built, and
+        transformers' re-initialisation would draw other weights than the presets'."""
+        if hasattr(self.llm, "tie_weights"):
+            self.llm.tie_weights()
+
+    # --- transformers' accessors ------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.llm.get_decoder()
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        return self.llm
+
+    def processor(self):  # noqa: ANN201 - HiresProcessor, imported lazily
+        """The :class:`~hires_lmm.processing.HiresProcessor` of this model (tokenizer, method, plan options)."""
+        from .processing import HiresProcessor
+
+        return HiresProcessor.from_model(self)
 
     # --- images ---------------------------------------------------------------------------------
     @property
@@ -207,13 +273,65 @@ class HiresLMM(nn.Module):
         return Batch(out, mask, pos, lab_out, [v.shape[0] for v in visual])
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, input_ids: Sequence[torch.Tensor], images: Sequence[Sequence[ImageInput]],
-                labels: Sequence[torch.Tensor] | None = None, **llm_kwargs: Any):
-        """Logits (B, T, V) over the spliced sequence, and the loss when ``labels`` are given.
+    def forward(self, input_ids: Sequence[torch.Tensor] | torch.Tensor | None = None,
+                images: Sequence[Sequence[ImageInput]] | None = None,
+                labels: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                view_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **llm_kwargs: Any) -> HiresOutput:
+        """Logits over the spliced sequence, and the loss when ``labels`` are given.
 
-        Returns a :class:`HiresOutput` (loss, logits, the KV cache and the spliced batch).
+        Either lists, ``input_ids=[ids (T_i,), ...]`` with ``images=[[ImageInput, ...], ...]`` (and
+        ``labels=[(T_i,), ...]``, -100 = no loss), or transformers' tensors: ``input_ids`` (B, T)
+        with ``attention_mask`` (B, T), optional ``pixel_values`` / ``view_sizes`` /
+        ``image_sizes`` (:mod:`hires_lmm.processing`) and ``labels`` (B, T); or ``inputs_embeds``
+        (B, T, D) already spliced. Positions count real tokens only (``position_ids`` are used with
+        ``inputs_embeds`` only: they cannot be given for a sequence before it is spliced). A KV
+        cache (``cache=``, or ``past_key_values=`` before transformers 5.24) continues a spliced
+        prefill; ``input_ids`` are then the new tokens (B, q) and ``attention_mask`` the text's mask
+        extended by them, as ``GenerationMixin`` keeps it.
+
+        Returns a :class:`HiresOutput` (loss, logits (B, T', V), the KV cache, the spliced batch).
         """
-        batch = self.build_inputs(input_ids, images, labels)
+        cache = llm_kwargs.pop("cache", None)
+        if cache is None:
+            cache = llm_kwargs.pop("past_key_values", None)
+        llm_kwargs.pop("cache_position", None)  # positions are the spliced sequence's, computed here
+        if logits_to_keep:
+            llm_kwargs["logits_to_keep"] = logits_to_keep
+        if use_cache is not None:
+            llm_kwargs["use_cache"] = use_cache
+        if cache is not None:
+            llm_kwargs.update(cache_kwargs(self.llm, cache))
+        if isinstance(input_ids, (list, tuple)) or images is not None:
+            return self._forward_lists(input_ids, images, labels, **llm_kwargs)
+        if inputs_embeds is not None:
+            if input_ids is not None:
+                raise ModelLoadError("give input_ids or inputs_embeds, not both")
+            if position_ids is None and attention_mask is not None:
+                position_ids = _positions(attention_mask)[:, -inputs_embeds.shape[1]:]
+            out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           labels=labels, **llm_kwargs)
+            return HiresOutput(loss=out.loss, logits=out.logits, **{CACHE_FIELD: output_cache(out)})
+        if input_ids is None:
+            raise ModelLoadError("forward needs input_ids (or inputs_embeds)")
+        if cache is not None and pixel_values is None and cache.get_seq_length() > 0:
+            record = self._splices.get(cache)
+            if record is not None:  # after a prefill that spliced images
+                return self._forward_step(input_ids, attention_mask, record, cache, **llm_kwargs)
+            # after a prefill of embeddings (generate_text): the mask is the spliced sequence's already
+            pos = _positions(attention_mask)[:, -input_ids.shape[1]:] if attention_mask is not None else None
+            out = self.llm(input_ids=input_ids.to(self.device), attention_mask=attention_mask, position_ids=pos,
+                           labels=labels, **llm_kwargs)
+            return HiresOutput(loss=out.loss, logits=out.logits, **{CACHE_FIELD: output_cache(out)})
+        return self._forward_tensors(input_ids, attention_mask, pixel_values, view_sizes, image_sizes, labels,
+                                     for_cache=cache is not None or bool(use_cache), **llm_kwargs)
+
+    def _forward_lists(self, input_ids: Sequence[torch.Tensor], images: Sequence[Sequence[ImageInput]] | None,
+                       labels: Sequence[torch.Tensor] | None, **llm_kwargs: Any) -> HiresOutput:
+        batch = self.build_inputs(input_ids, images if images is not None else [[] for _ in input_ids], labels)
         mask = batch.attention_mask
         # training on right padding: a real token never attends to a later position, so the causal
         # mask alone is exact for every real position (pad positions carry no labels); without the
@@ -225,20 +343,111 @@ class HiresLMM(nn.Module):
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
         return HiresOutput(loss=out.loss, logits=out.logits, batch=batch, **{CACHE_FIELD: output_cache(out)})
 
-    # --- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: Sequence[str] = (), seed: int | None = None, chat: bool = False,
-                 template: str | None = None) -> list[str]:
-        """Decode a batch of prompts (each with its images) with left padding and a KV cache.
+    def _forward_tensors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         pixel_values: torch.Tensor | None, view_sizes: torch.Tensor | None,
+                         image_sizes: torch.Tensor | None, labels: torch.Tensor | None, *, for_cache: bool,
+                         **llm_kwargs: Any) -> HiresOutput:
+        """A prefill (or a whole forward) of padded tensors: unpad each row, splice, re-pad.
 
-        ``temperature`` 0 is greedy; otherwise sampling with nucleus ``top_p``. Generation ends
-        at the EOS token, at any of ``stop`` (excluded from the text) or after
-        ``max_new_tokens``. ``template`` (e.g. "vicuna_v1", the one the model was trained with)
-        wraps each prompt as a user turn and adds the template's end-of-turn tokens to the stops;
-        ``chat=True`` uses the tokenizer's own chat template instead.
+        The spliced batch is left-padded when a cache is filled (generation continues at the last
+        column), otherwise padded on the side the input was."""
+        if input_ids.dim() != 2:
+            raise ModelLoadError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        keep = mask.bool().cpu()
+        ids = input_ids.cpu()
+        rows = [ids[b][keep[b]] for b in range(ids.shape[0])]
+        labs = None
+        if labels is not None:
+            lab = labels.cpu()
+            labs = [lab[b][keep[b]] for b in range(ids.shape[0])]
+        left = for_cache or (bool(keep[:, -1].all()) and not bool(keep[:, 0].all()))
+        images = unpack_images(pixel_values, view_sizes, image_sizes, self.config.method, self.config.plan_options,
+                               ids.shape[0])
+        batch = self.build_inputs(rows, images, labs, padding_side="left" if left else "right")
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
+        cache = output_cache(out)
+        if cache is not None:
+            self._splices[cache] = (batch.attention_mask, input_ids.shape[1])
+        return HiresOutput(loss=out.loss, logits=out.logits, batch=batch, **{CACHE_FIELD: cache})
+
+    def _forward_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      record: tuple[torch.Tensor, int], kv: Any, **llm_kwargs: Any) -> HiresOutput:
+        """A decoding step after a spliced prefill: mask = the prefill's spliced mask + the columns
+        ``GenerationMixin`` added after the text since; positions count real tokens."""
+        prefix, text_len = record
+        q = input_ids.shape[1]
+        added = kv.get_seq_length() - prefix.shape[1] + q  # columns after the prompt, this step's included
+        if attention_mask is not None:
+            if attention_mask.shape[1] != text_len + added:
+                raise ModelLoadError(f"attention_mask has {attention_mask.shape[1]} columns; after a prompt of "
+                                     f"{text_len} and {added} new token(s) it should have {text_len + added}")
+            tail = attention_mask[:, text_len:].to(prefix)
+        else:
+            tail = prefix.new_ones(prefix.shape[0], added)
+        if prefix.shape[0] != input_ids.shape[0]:
+            raise ModelLoadError(f"the cache was filled for {prefix.shape[0]} rows, not {input_ids.shape[0]}")
+        mask = torch.cat([prefix, tail], dim=1)
+        out = self.llm(input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=_positions(mask)[:, -q:],
+                       **llm_kwargs)
+        new_cache = output_cache(out)
+        if new_cache is not None and new_cache is not kv:
+            self._splices[new_cache] = record
+        return HiresOutput(loss=out.loss, logits=out.logits, **{CACHE_FIELD: new_cache})
+
+    # --- generation -----------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any,
+                                      inputs_embeds: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                                      view_sizes: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """``GenerationMixin``'s inputs, with the pixel inputs on the first step (the prefill) only,
+        as transformers' LLaVA models do; every step when no cache is kept."""
+        kwargs.pop("position_ids", None)  # text positions; forward computes the spliced sequence's
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        first = cache is None or cache.get_seq_length() == 0
+        if first or not kwargs.get("use_cache", True):
+            if inputs.get("inputs_embeds") is None:  # a legacy prompt spliced already has no pixels
+                inputs.update(pixel_values=pixel_values, view_sizes=view_sizes, image_sizes=image_sizes)
+        return inputs
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``GenerationMixin.generate`` on tensors (``model.generate(**processor(...),
+        max_new_tokens=...)``, returns token ids), or, given a list of prompt strings, the list
+        interface: ``model.generate(prompts, images, max_new_tokens=64, temperature=0.0,
+        top_p=1.0, stop=(), seed=None, chat=False, template=None)`` → one text per prompt (see
+        :meth:`generate_text`)."""
+        first = args[0] if args else kwargs.get("prompts")
+        if isinstance(first, (list, tuple)) and (not first or isinstance(first[0], str)):
+            if args:
+                kwargs["prompts"] = args[0]
+                if len(args) > 1:
+                    kwargs["images"] = args[1]
+                if len(args) > 2:
+                    raise TypeError("generate(prompts, images, **options): options are keyword arguments")
+            return self.generate_text(**kwargs)
+        with torch.no_grad():
+            return super().generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate_text(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
+                      max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                      stop: Sequence[str] = (), seed: int | None = None, chat: bool = False,
+                      template: str | None = None, **generate_kwargs: Any) -> list[str]:
+        """Decode a batch of prompts (each with its images) with ``GenerationMixin``: left padding,
+        a KV cache, the shared sampler and stop matcher (:mod:`hires_lmm.generation`).
+
+        ``temperature`` 0 is greedy; otherwise sampling with nucleus ``top_p`` (seeded by ``seed``
+        without touching the caller's random state). Generation ends at the EOS token, at any of
+        ``stop`` (excluded from the text) or after ``max_new_tokens``. ``template`` (e.g.
+        "vicuna_v1", the one the model was trained with) wraps each prompt as a user turn and adds
+        the template's end-of-turn tokens to the stops; ``chat=True`` uses the tokenizer's own
+        chat template instead. Other keyword arguments go to ``GenerationMixin.generate``
+        (``streamer=TextIteratorStreamer(...)``, ``repetition_penalty``, ...).
         """
+        from .generation import StopStringCriteria, sampling_processors
+
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -256,60 +465,40 @@ class HiresLMM(nn.Module):
             ids = [torch.tensor(tok(t, add_special_tokens=True).input_ids, dtype=torch.long) for t in texts]
         prepared = [[im if isinstance(im, ImageInput) else self.prepare_image(im) for im in sample] for sample in images]
         batch = self.build_inputs(ids, prepared, padding_side="left")
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(seed)
-        B = len(prompts)
-        mask, pos = batch.attention_mask, batch.position_ids
-        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = output_cache(out)
-        logits = out.logits[:, -1]
-        done = torch.zeros(B, dtype=torch.bool)
-        generated: list[list[int]] = [[] for _ in range(B)]
-        texts_out: list[str | None] = [None] * B  # set when a stop string ends a sequence
-        next_pos = pos[:, -1:] + 1
-        # tokens a stop string can span: a character may take up to 4 byte-fallback tokens; two more
-        # keep its first token off the tail's edge, where a tokenizer may drop a leading space
-        tail = 4 * max((len(s) for s in stop), default=0) + 2
-        for _ in range(max_new_tokens):
-            nxt = self._pick(logits.float(), temperature, top_p, gen)
-            for i in range(B):
-                if done[i]:
-                    continue
-                t = int(nxt[i])
-                if t in stop_ids:
-                    done[i] = True
-                    continue
-                generated[i].append(t)
-                # a stop string that just completed lies within the last few tokens: decode that
-                # tail only (not the whole text again every step), the whole text once it matches
-                if stop and any(s in tok.decode(generated[i][-tail:], skip_special_tokens=True) for s in stop):
-                    text = tok.decode(generated[i], skip_special_tokens=True)
-                    cut = min((text.find(s) for s in stop if s in text), default=-1)
-                    if cut >= 0:
-                        texts_out[i] = text[:cut]
-                        done[i] = True
-            if bool(done.all()):
-                break
-            nxt = nxt.masked_fill(done.to(nxt.device), tok.pad_token_id)
-            mask = torch.cat([mask, (~done).long().to(mask.device)[:, None]], dim=1)
-            out = self.llm(input_ids=nxt[:, None].to(self.device), attention_mask=mask, position_ids=next_pos,
-                           use_cache=True, **cache_kwargs(self.llm, past))
-            past, logits, next_pos = output_cache(out), out.logits[:, -1], next_pos + 1
-        return [t if t is not None else tok.decode(g, skip_special_tokens=True) for t, g in zip(texts_out, generated)]
+        B, T = batch.attention_mask.shape
+        end_ids = sorted(int(t) for t in stop_ids)
+        # sampling by the shared processors alone: GenerationMixin adds no warper of its own
+        # (temperature 1, top_p 1, top_k 0 are identities)
+        sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if temperature > 0 else {}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, num_beams=1,
+                                  eos_token_id=end_ids or None, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, **sampling)
+        processors = sampling_processors(temperature, top_p) if temperature > 0 else None
+        criteria = StopStringCriteria(tok, stop, B, end_ids) if stop else None
+        dev = self.device
+        fork = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = GenerationMixin.generate(
+                self, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, generation_config=config,
+                logits_processor=processors, stopping_criteria=[criteria] if criteria else None, **generate_kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        texts_out = []
+        for i, row in enumerate(sequences.tolist()):
+            cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+            if criteria is not None and criteria.matchers[i].stopped:
+                texts_out.append(criteria.matchers[i].finish())
+            else:
+                texts_out.append(tok.decode(row[:cut], skip_special_tokens=True))
+        return texts_out
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-        """Next token per row: greedy when temperature is 0, else nucleus sampling."""
-        if temperature <= 0:
-            return logits.argmax(-1).cpu()
-        probs = torch.softmax(logits / temperature, dim=-1).cpu()
-        if top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set reaching top_p
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+        """Next token per row (kept for callers of the old helper): :func:`hires_lmm.generation.sample_next`."""
+        from .generation import sample_next
+
+        return sample_next(logits, temperature, top_p, gen)
 
     # --- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: str | int = "5GB") -> None:
@@ -327,6 +516,9 @@ class HiresLMM(nn.Module):
         try:
             self.config.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            # the processor's files (AutoProcessor / AutoImageProcessor) and generation defaults
+            self.processor().save_pretrained(tmp, tokenizer=False)
+            self.generation_config.save_pretrained(tmp)
             state = self._dedup_state_dict()
             split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                        max_shard_size=max_shard_size)
@@ -369,8 +561,10 @@ class HiresLMM(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "HiresLMM":
+    def from_pretrained(cls, path: str | os.PathLike, *model_args: Any, config: HiresConfig | None = None,
+                        dtype: torch.dtype | str | None = None, device_map: str | dict | torch.device | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                        **kwargs: Any) -> "HiresLMM":
         """Load a directory written by :meth:`save_pretrained`.
 
         Refuses, with a one-line :class:`~hires_lmm.errors.ModelLoadError` (a ValueError; a
@@ -380,14 +574,35 @@ class HiresLMM(nn.Module):
         its token: images would never be spliced), a weights index naming files outside the
         directory, only ``.bin`` weights, an unreadable weights file, and weights whose names or
         shapes do not match the config (e.g. a changed hidden size).
+
+        transformers' arguments: ``dtype`` (a ``torch.dtype``, its name, or "auto": the dtype the
+        weights are stored in), ``device_map`` ("cpu", "cuda:0", a device, a ``{module: device}``
+        dict, or "auto" / "balanced" / "sequential": spread over the GPUs by accelerate, never
+        splitting a visual module or a decoder layer), ``config`` (a :class:`HiresConfig` to use
+        instead of config.json's); the hub arguments the Auto classes pass are accepted and unused
+        (the path is a local directory). ``torch_dtype`` is the older name of ``dtype``; ``device``
+        is ``device_map`` with one device.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from .errors import ModelLoadError, ModelNotFoundError, one_line
+        from .errors import ModelNotFoundError
         from .methods import build_from_config
         from .text import IMAGE_TOKEN
 
+        if model_args:
+            raise ModelLoadError(f"from_pretrained takes the directory only, not {len(model_args)} more positional argument(s)")
+        unknown = sorted(set(kwargs) - _HUB_KWARGS)
+        if unknown:
+            raise ModelLoadError(f"from_pretrained: unsupported argument(s) {', '.join(unknown)}")
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                raise ModelLoadError("give dtype or torch_dtype (its older name), not both")
+            dtype = torch_dtype
+        if device is not None:
+            if device_map is not None:
+                raise ModelLoadError("give device_map or device, not both")
+            device_map = device
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -413,7 +628,7 @@ class HiresLMM(nn.Module):
             what = "has no image_token" if raw.get("image_token") in (None, "") else f"has image_token {raw['image_token']!r}"
             raise ModelLoadError(f"{cfg_file}: {what}; hires-lmm models splice images at {IMAGE_TOKEN!r}")
         try:
-            config = HiresConfig.from_pretrained(path)
+            config = config if config is not None else HiresConfig.from_pretrained(path)
             config.llm_config()  # a text_config transformers cannot rebuild fails here, named
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise ModelLoadError(f"{cfg_file}: not a usable hires-lmm config ({one_line(e)})") from None
@@ -484,11 +699,71 @@ class HiresLMM(nn.Module):
         model.load_state_dict(state, strict=False)
         if hasattr(model.llm, "tie_weights"):
             model.llm.tie_weights()
-        if torch_dtype is not None:
-            model.to(torch_dtype)
-        if device is not None:
-            model.to(device)
+        if (path / GENERATION_CONFIG_NAME).is_file():
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(path)
+            except (OSError, ValueError, TypeError) as e:
+                raise ModelLoadError(f"{path / GENERATION_CONFIG_NAME}: not a usable generation config ({one_line(e)})") from None
+        model.name_or_path = model.config._name_or_path = str(path)
+        target = _resolve_dtype(dtype, state, path)
+        if target is not None:
+            model.to(target)
+        _place(model, device_map, target)
         return model.eval()
+
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, state: dict[str, torch.Tensor], path: Path) -> torch.dtype | None:
+    """``dtype`` as a ``torch.dtype``; "auto" is the dtype most of the stored floating weights have."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(dtype, str):
+        raise ModelLoadError(f"dtype must be a torch.dtype, its name or 'auto', not {type(dtype).__name__}")
+    if dtype == "auto":
+        counts: dict[torch.dtype, int] = {}
+        for t in state.values():
+            if t.is_floating_point():
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        return max(counts, key=counts.get) if counts else None
+    named = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ModelLoadError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16', 'float16', 'auto')")
+    return named
+
+
+def _place(model: HiresLMM, device_map: str | dict | torch.device | None, dtype: torch.dtype | None) -> None:
+    """Move ``model`` to one device, or dispatch it over several with accelerate (hooks move each
+    part's inputs to its device)."""
+    if device_map is None:
+        return
+    if isinstance(device_map, (torch.device, int)) or (isinstance(device_map, str)
+                                                        and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")):
+        try:
+            model.to(torch.device(device_map))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ModelLoadError(f"device_map {device_map!r}: {one_line(e)}") from None
+        return
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = sorted(model._no_split_modules)
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if not isinstance(device_map, dict):
+        raise ModelLoadError(f"device_map must be a device, 'auto' / 'balanced' / 'sequential' or a dict, not {device_map!r}")
+    devices = set(device_map.values())
+    if len(devices) == 1:  # one device: no hooks needed
+        (only,) = devices
+        model.to(torch.device(f"cuda:{only}") if isinstance(only, int) else torch.device(only))
+        return
+    if "disk" in devices:
+        raise ModelLoadError("device_map places weights on 'disk'; hires-lmm keeps every weight in memory")
+    dispatch_model(model, device_map=device_map)
+
 
 def load_llm(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Any Hugging Face causal LM and its tokenizer from a local directory."""
@@ -497,3 +772,8 @@ def load_llm(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) ->
         raise FileNotFoundError(f"LLM directory {p} does not exist")
     llm = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype) if torch_dtype else AutoModelForCausalLM.from_pretrained(p)
     return llm, AutoTokenizer.from_pretrained(p)
+
+
+from . import auto as _auto  # noqa: E402 - registration deferred while this module was importing
+
+_auto.retry()

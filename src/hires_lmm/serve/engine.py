@@ -11,10 +11,13 @@ row, the request's next-token logits, position and sampling state. Each turn of 
    for the group, and that cache is merged into the batch cache by left-padding the shorter of
    the two along the sequence axis and concatenating along the batch axis.
 2. **Sample.** One token per row from its logits, with the request's own temperature, top-p and
-   seeded generator (greedy rows share one argmax). EOS / the template's end-of-turn tokens, the
-   request's stop strings and ``max_tokens`` end a row; new text is handed to the request's
-   asyncio queue (thread-safe), holding back a tail that could still become a stop string or an
-   incomplete UTF-8 character.
+   seeded generator (greedy rows share one argmax), by the sampler ``HiresLMM.generate`` uses
+   (:func:`hires_lmm.generation.sample_next`). EOS / the template's end-of-turn tokens, the
+   request's stop strings and ``max_tokens`` end a row; each row's
+   :class:`~hires_lmm.generation.StopMatcher` (the one ``generate`` uses) decodes only the new
+   token's window, finds stop strings there and hands the request's asyncio queue (thread-safe)
+   the text that can no longer change: not a tail that could still become a stop string, not an
+   incomplete UTF-8 character. The reply's final text is decoded once, when it ends.
 3. **Leave.** Finished and cancelled rows are removed from the cache (``index_select`` on the
    batch axis); leading columns that are padding in every remaining row are trimmed.
 4. **Decode.** One LLM forward of the batch's last tokens (``(B, 1)``) with the attention mask
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import cache_kwargs, output_cache
+from ..generation import StopMatcher, sample_next, stop_holdback
 from ..model import HiresLMM, ImageInput
 from .errors import APIError
 
@@ -79,6 +83,7 @@ class GenRequest:
     finished: bool = False
     cancelled: bool = False
     generator: torch.Generator | None = None
+    matcher: StopMatcher | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _queue: asyncio.Queue | None = None
 
@@ -107,15 +112,8 @@ class GenRequest:
                 return
 
 
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+#: the older name of :func:`hires_lmm.generation.stop_holdback`
+_stop_holdback = stop_holdback
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -325,6 +323,7 @@ class Engine:
         for r, n in zip(group, batch.attention_mask.sum(1).tolist()):
             r.prompt_tokens = int(n)
             r.images = []  # the views are in the cache now
+            r.matcher = StopMatcher(self.tokenizer, r.params.stop, lock=self.tokenizer_lock)
         self._join(group, output_cache(out), batch.attention_mask, batch.position_ids[:, -1:] + 1, logits)
         self.stats["prefill_batches"] += 1
         self.stats["max_prefill_batch_seen"] = max(self.stats["max_prefill_batch_seen"], len(group))
@@ -360,7 +359,7 @@ class Engine:
             if p.temperature <= 0:
                 t = greedy[i]
             else:
-                t = int(HiresLMM._pick(logits[i:i + 1], p.temperature, p.top_p, r.generator)[0])
+                t = int(sample_next(logits[i:i + 1], p.temperature, p.top_p, r.generator)[0])
             picked.append(t)
             self._advance(r, t)
         self.stats["tokens_generated"] += len(picked)
@@ -370,36 +369,28 @@ class Engine:
     def _advance(self, r: GenRequest, t: int) -> None:
         """Record token ``t`` for row ``r``: stop tokens, stop strings, max_tokens, and the text to send."""
         r.completion_tokens += 1
+        m = r.matcher
+        assert m is not None
         reason = None
         if t in self.stop_token_ids:
             reason = "stop"
         else:
             r.generated.append(t)
-        with self.tokenizer_lock:
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-        if reason is None:
-            stops = r.params.stop
-            if stops:
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-            if reason is None and r.completion_tokens >= r.params.max_tokens:
+            if m.push(t):
+                reason = "stop"
+            elif r.completion_tokens >= r.params.max_tokens:
                 reason = "length"
         if reason is None:
-            safe = len(text) - _stop_holdback(text, r.params.stop)
-            # a byte-fallback tokenizer spells a multi-byte character over several tokens, and the
-            # text decoded so far ends in U+FFFD (one, or one per byte) until the last byte comes:
-            # hold it back, so that the character is sent whole or not at all
-            while safe > 0 and text[safe - 1] == "\ufffd":
-                safe -= 1
-            if safe > len(r.emitted) and text.startswith(r.emitted):
-                r._emit("delta", text[len(r.emitted):safe])
-                r.emitted = text[:safe]
+            delta = m.ready()  # never half a character, never a tail that may become a stop string
+            if delta:
+                r._emit("delta", delta)
+                r.emitted += delta
             return
-        # the reply ends here (max_tokens, a stop token or string): a character still incomplete
-        # will never be completed, so it is dropped rather than sent as U+FFFD (a byte sequence
-        # that is invalid in the middle of the text is sent as U+FFFD as before)
-        text = text.rstrip("\ufffd")
+        # the reply ends here (max_tokens, a stop token or string): decoded once in full and cut at
+        # the first stop string; a character still incomplete will never be completed, so it is
+        # dropped rather than sent as U+FFFD (a byte sequence that is invalid in the middle of the
+        # text is sent as U+FFFD as before)
+        text = m.finish().rstrip("\ufffd")
         if len(text) > len(r.emitted) and text.startswith(r.emitted):
             r._emit("delta", text[len(r.emitted):])
         r.finished = True
