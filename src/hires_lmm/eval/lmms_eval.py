@@ -28,9 +28,10 @@
 
 Registration: importing this module registers the class under the name ``hires_lmm`` in
 lmms-eval's registries (``register_model`` and, in lmms-eval ≥ 0.5, ``MODEL_REGISTRY_V2``).
-For ``python -m lmms_eval --model hires_lmm`` to find it without importing it first, the
-package would declare the entry point ``[project.entry-points."lmms_eval.models"]
-hires_lmm = "hires_lmm.eval.lmms_eval:lmms_eval_manifest"``.
+``lmms-eval --model hires_lmm`` finds it without importing it first through the entry point
+that pyproject.toml declares: ``[project.entry-points."lmms_eval.models"]
+hires_lmm = "hires_lmm.eval.lmms_eval:lmms_eval_manifest"`` (lmms-eval ≥ 0.5 loads that group).
+Installing lmms-eval beside the CPU torch, and what is tested: docs/evaluation.md.
 
 lmms-eval is optional: without it the class derives from a small stand-in with the same
 attributes (``rank``, ``world_size``, ``task_dict``), so it can be used and tested with any
