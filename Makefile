@@ -14,7 +14,9 @@ OLDEST_VENV ?= .venv-oldest
 SMOKE := @tests/smoke.txt
 PIPFLAGS ?= -q
 
-.PHONY: install lock demo demo-quick test test-latest test-oldest bench clean
+LMMS_VENV ?= .venv-lmms
+
+.PHONY: install lock demo demo-quick test test-latest test-oldest test-lmms-eval bench clean
 
 $(BIN)/hires: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -70,9 +72,22 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -i -E '^(torch|transformers|tokenizers|huggingface.hub|accelerate|safetensors|numpy|pillow|starlette|uvicorn)=='
 	$(OLDEST_VENV)/bin/python -m pytest $(SMOKE)
 
+# lmms-eval beside the CPU torch (its own requirements would pull a CUDA torch and torchvision:
+# installed --no-deps from requirements/lmms-eval.txt, in a venv of its own because it needs an
+# older filelock than the lock), then `lmms-eval --model hires_lmm` end to end on local tasks
+test-lmms-eval:
+	rm -rf $(LMMS_VENV)
+	$(PY) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install $(PIPFLAGS) --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install $(PIPFLAGS) -c $(LOCK) "$(TORCH_SPEC)"
+	$(LMMS_VENV)/bin/python -m pip install $(PIPFLAGS) -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(LMMS_VENV)/bin/python -m pip install $(PIPFLAGS) --no-deps -r requirements/lmms-eval.txt
+	$(LMMS_VENV)/bin/lmms-eval --help >/dev/null
+	HIRES_REQUIRE_LMMS_EVAL=1 $(LMMS_VENV)/bin/python -m pytest tests/test_lmms_eval.py -rs
+
 # measures this machine and writes docs/performance.md (a few minutes; see hires bench --help)
 bench: install
 	$(BIN)/hires bench --out docs/performance.md
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) .venv-lock out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) $(LMMS_VENV) .venv-lock out .pytest_cache .hypothesis
