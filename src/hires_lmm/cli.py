@@ -21,17 +21,37 @@ from .plan import METHODS, Plan, parse_size, plan_image
 #: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
 #: raising :class:`CLIError`, or any :class:`~hires_lmm.errors.HiresError`, prints a clean
 #: one-line error with exit status 2)
-EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli", "hires_lmm.compare.cli")
+EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli", "hires_lmm.compare.cli", "hires_lmm.parts.cli")
 
 __all__ = ["CLIError", "EXTENSIONS", "HiresError", "build_parser", "format_cost", "format_plan", "main"]
 
 
 def _methods(text: str) -> list[str]:
-    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    """Preset names (comma-separated, or 'all') and method files (JSON/YAML paths), checked."""
+    from .parts.files import is_method_file
+
+    if "," in text and Path(text).is_file():  # one file whose name holds a comma
+        names = [text]
+    else:
+        names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
-        if m not in METHODS:
-            raise CLIError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or 'all'")
+        if m in METHODS:
+            continue
+        if not is_method_file(m):
+            raise CLIError(f"unknown method {m!r}; choose from {', '.join(METHODS)} or 'all', or give a method file")
+        from .parts import resolve_method
+
+        resolve_method(m)  # a bad file fails here, as one line (PartError is a HiresError)
     return names
+
+
+def _plan_of(method: str, size: tuple[int, int], **options: Any) -> Plan:
+    """A preset's plan, or a method file's (its views part's plan with its parts' token count)."""
+    if method in METHODS:
+        return plan_image(method, size, **options)
+    from .parts import resolve_method
+
+    return resolve_method(method).plan(size, **options)
 
 
 def _sizes(texts: Sequence[str]) -> list[tuple[int, int]]:
@@ -58,9 +78,9 @@ def _plan_or_refuse(command: str, method: str, size: tuple[int, int], budget: in
     from .plan import BudgetError
 
     if budget is None:
-        return plan_image(method, size)
+        return _plan_of(method, size)
     try:
-        return plan_image(method, size, max_visual_tokens=budget)
+        return _plan_of(method, size, max_visual_tokens=budget)
     except BudgetError as e:
         print(f"hires {command}: error: {one_line(e)}", file=sys.stderr)
         return None
@@ -189,7 +209,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
             if plan is None:  # refused by the budget: said on stderr, the others still costed
                 refused += 1
                 continue
-            rep = plan_cost(plan, llm_params=args.llm_params, llm_hidden=args.llm_hidden)
+            if m in METHODS:
+                rep = plan_cost(plan, llm_params=args.llm_params, llm_hidden=args.llm_hidden)
+            else:  # a method file: its compressor's FLOPs, its token count
+                from .parts import resolve_method
+
+                rep = resolve_method(m).cost_of(plan, llm_params=args.llm_params, llm_hidden=args.llm_hidden)
             print(json.dumps(rep.to_json()) if args.json else format_cost(rep) + "\n")
     return 2 if refused else 0
 
@@ -221,7 +246,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               "llm": sum(p.numel() for p in model.llm.parameters()),
               "vision_encoder": sum(p.numel() for p in vit.parameters())}
     params["connector"] = params["total"] - params["llm"] - params["vision_encoder"]
-    info = {"method": method, "encoder_side": vit.image_size, "planned_visual_tokens": image.plan.num_visual_tokens,
+    from .parts import spec_from_config
+
+    spec = spec_from_config(model.config)  # a composed method's count is its parts', not the planner's
+    planned = spec.plan(image.plan.image_size, **model.config.plan_options).num_visual_tokens
+    info = {"method": spec.name, "encoder_side": vit.image_size, "planned_visual_tokens": planned,
             "num_visual_tokens": out.batch.num_visual_tokens[0], "params": params,
             "views": len(image.plan.views), "logits_shape": list(out.logits.shape)}
     if args.json:
@@ -237,6 +266,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, TrainingError, train
 
     (method,) = _methods(args.method)
+    connector = None
+    if method not in METHODS:  # a method file: the run keeps its planner's name, the model gets the spec
+        from .parts import resolve_method
+
+        spec = resolve_method(method)
+        method, connector = spec.parts["views"], {"method_spec": spec.to_json()}
     if not args.tiny and not args.init and not (args.vision and args.llm):
         raise CLIError("give --tiny, or --vision DIR and --llm DIR (and --convnext DIR for llava-hr), or --init DIR")
     cfg = TrainConfig(
@@ -249,7 +284,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         allow_changed=tuple(f.strip().replace("-", "_") for f in args.allow_changed.split(",") if f.strip()),
         group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-        progress=not args.no_progress)
+        progress=not args.no_progress, connector=connector)
     try:
         res = train(cfg)
     except (TrainingError, DataError, FileNotFoundError) as e:

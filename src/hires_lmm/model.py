@@ -119,7 +119,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     # a visual module stays on one device (its views are packed together); the LLM's decoder
     # layers are added by post_init from the LLM's own list
-    _no_split_modules = ["Llava15Visual", "NextVisual", "UHDVisual", "HRVisual", "INFVisual", "SlimeVisual"]
+    _no_split_modules = ["Llava15Visual", "NextVisual", "UHDVisual", "HRVisual", "INFVisual", "SlimeVisual",
+                         "ComposedVisual", "DualPathVisual"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
 
     def __init__(self, config: HiresConfig, llm: PreTrainedModel | None = None,
@@ -232,14 +233,16 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         embed = self.llm.get_input_embeddings()
         flat = [im for sample in images for im in sample]
         text_embeds: list[torch.Tensor | None] = []
+        # a text-guided selector (SliME's, or one composed into another method) reads the sample's text
+        needs_text = bool(getattr(self.visual, "needs_text", self.config.method == "slime"))
         for ids, sample in zip(input_ids, images):
             n = int((ids == self.image_token_id).sum())
             if n != len(sample):
                 raise ValueError(f"a sample has {n} {self.config.image_token} placeholder(s) but {len(sample)} image(s)")
-            if self.config.method == "slime":  # the selector compares tokens with the sample's text
+            if needs_text:  # the selector compares tokens with the sample's text
                 t = embed(ids[ids != self.image_token_id].to(self.device))
                 text_embeds += [t] * len(sample)
-        visual = self.encode_images(flat, text_embeds if self.config.method == "slime" else None)
+        visual = self.encode_images(flat, text_embeds if needs_text else None)
         seqs, labs, k = [], [], 0
         for i, ids in enumerate(input_ids):
             ids = ids.to(self.device)

@@ -1,0 +1,62 @@
+"""LLaVA-HR: the encoder ``convnext-vit`` (ConvNeXt on the high-resolution square, the ViT on its
+low-resolution view, joined by MR-adapters and a final fusion): one feature map per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ...plan.types import Plan
+from ..options import Options
+from ..registry import BuildContext, UnitShape, Units, register_method, register_part
+from ..stages import EncoderPart
+from .llava import preset
+
+
+@dataclass(frozen=True)
+class DualPathOptions(Options):
+    #: the MR-adapters' gate: one scalar per adapter, or one per channel
+    gate: Literal["scalar", "channel"] = "scalar"
+    #: the three MR-adapters inside the ViT (False: only the final fusion)
+    adapters: bool = True
+
+
+@register_part
+class DualPathEncoderPart(EncoderPart):
+    """LLaVA-HR's dual path: ConvNeXt reads the S×S view, the ViT its low-resolution view, the
+    MR-adapters mix them; one (L², d) map per image."""
+
+    name = "convnext-vit"
+    Options = DualPathOptions
+    needs = {"structure": frozenset({"dual-res"})}
+    gives = {"units": "per-image"}
+    #: the visual module needs a ConvNeXt (built from ``convnext_config`` when none is given)
+    needs_convnext = True
+
+    def build(self, host: nn.Module, ctx: BuildContext) -> None:
+        from ...vision.mra import DualPathEncoder
+
+        host.vision_tower = DualPathEncoder(ctx.vit, ctx.convnext, adapters=self.options.adapters,
+                                            gate=self.options.gate)
+
+    def units(self, plan: Plan) -> list[UnitShape]:
+        g = int(plan.extra["vit_grid"])
+        return [UnitShape("image", (g, g))]
+
+    def encode(self, host: nn.Module, plans: Sequence[Plan], views: Sequence[Sequence[Tensor]]) -> Units:
+        hi = torch.stack([v[0] for v in views])
+        lo = torch.stack([v[1] for v in views])
+        feats = host.vision_tower(hi, lo)  # (B, L², d), kept as one batch for the compressor
+        g = int(round(feats.shape[1] ** 0.5))
+        return Units(feats, [(g, g)] * len(views), ["image"] * len(views), [1] * len(views))
+
+
+LLAVA_HR = register_method(preset("llava-hr", "llava-hr", encoder="convnext-vit", views_options={"S": 1024},
+                                  formats=("llava-hr",)))
+
+__all__ = ["DualPathEncoderPart", "DualPathOptions", "LLAVA_HR"]
