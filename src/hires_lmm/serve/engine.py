@@ -323,7 +323,6 @@ class Engine:
         for r, n in zip(group, batch.attention_mask.sum(1).tolist()):
             r.prompt_tokens = int(n)
             r.images = []  # the views are in the cache now
-            r.matcher = StopMatcher(self.tokenizer, r.params.stop, lock=self.tokenizer_lock)
         self._join(group, output_cache(out), batch.attention_mask, batch.position_ids[:, -1:] + 1, logits)
         self.stats["prefill_batches"] += 1
         self.stats["max_prefill_batch_seen"] = max(self.stats["max_prefill_batch_seen"], len(group))
@@ -370,7 +369,8 @@ class Engine:
         """Record token ``t`` for row ``r``: stop tokens, stop strings, max_tokens, and the text to send."""
         r.completion_tokens += 1
         m = r.matcher
-        assert m is not None
+        if m is None:  # the request's first token
+            m = r.matcher = StopMatcher(self.tokenizer, r.params.stop, lock=self.tokenizer_lock)
         reason = None
         if t in self.stop_token_ids:
             reason = "stop"
