@@ -22,10 +22,18 @@ before it is applied; anything else raises :class:`CheckpointError` with a one-l
 
 Interface: :func:`save` (atomic: a temporary directory renamed into place), :func:`load`,
 :func:`read_state` (the trainer's state only, to check arguments before building anything) and
-:func:`latest`. Processes are described by :class:`Processes`; under data parallelism every
-process writes its own RNG file and the main process everything shared. A sharded strategy
-(FSDP, DeepSpeed) would add its files to :func:`expected_files` and gather/scatter in
-:func:`model_tensors` / :func:`optimizer_parts`.
+:func:`latest`. Processes are described by :class:`Processes`; every process writes its own RNG
+file and the main process everything shared.
+
+The files hold **full** (consolidated) tensors whatever the engine: under FSDP or DeepSpeed ZeRO
+the :class:`Parts` carry collective ``model_state`` / ``optimizer_state`` functions that gather the
+shards (every process calls them; the main process gets the full tensors) and a
+``load_optimizer`` that scatters a full optimizer state back (:mod:`.distributed`). So one
+format, checked the same way, serves every engine, and a sharded run's checkpoint is read by the
+same code as a single process's. On resume the checks run against the *unsharded* model and a
+probe optimizer before anything is sharded (:func:`read_checked`); the model's tensors are loaded
+into the plain model then, and the rest applied to the live, sharded objects afterwards
+(:func:`apply_rest`).
 """
 
 from __future__ import annotations
@@ -85,12 +93,21 @@ class Processes:
 
 @dataclass
 class Parts:
-    """The live objects a checkpoint saves and restores (``model`` unwrapped from DDP)."""
+    """The live objects a checkpoint saves and restores (``model`` unwrapped from DDP).
+
+    ``model_state`` and ``optimizer_state`` (collective under a sharding engine: every process
+    calls them, the main process gets full CPU tensors, the others may get ``None``) default to
+    :func:`model_tensors` and ``optimizer.state_dict()``; ``load_optimizer`` (a full, checked
+    ``state_dict`` keyed by parameter id) defaults to ``optimizer.load_state_dict``.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: Any | None = None  # torch.amp.GradScaler under fp16, else None
+    model_state: Callable[[], Mapping[str, torch.Tensor] | None] | None = None
+    optimizer_state: Callable[[], dict[str, Any] | None] | None = None
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ def _bad(directory: Path, name: str, what: str) -> CheckpointError:
 
 # --- model ---------------------------------------------------------------------------------------
 
-def _model_keys(model: nn.Module) -> set[str]:
+def model_keys(model: nn.Module) -> set[str]:
     """Trainable parameters and persistent buffers: what training changes. Frozen parameters
     are rebuilt bit-identically from the (checked) arguments, so they are not saved."""
     sd_keys = set(model.state_dict().keys())
@@ -158,7 +175,7 @@ def _model_keys(model: nn.Module) -> set[str]:
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's part of a checkpoint (copies on the CPU: safetensors refuses shared memory)."""
-    keys = _model_keys(model)
+    keys = model_keys(model)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items() if k in keys}
 
 
@@ -175,7 +192,7 @@ def _check_tensors_match(directory: Path, name: str, saved: Mapping[str, torch.T
 
 def load_model_tensors(directory: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Check ``tensors`` against ``model`` (same keys, shapes, dtypes) and copy them in."""
-    live = {k: v for k, v in model.state_dict().items() if k in _model_keys(model)}
+    live = {k: v for k, v in model.state_dict().items() if k in model_keys(model)}
     _check_tensors_match(directory, MODEL_FILE, tensors, live)
     model.load_state_dict(dict(tensors), strict=False)
 
@@ -186,9 +203,10 @@ def _json_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` split into tensors (``"<param id>/<key>"``) and a JSON part."""
-    sd = optimizer.state_dict()
+def optimizer_parts(optimizer: torch.optim.Optimizer | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` (or such a full state dict) split into tensors
+    (``"<param id>/<key>"``) and a JSON part."""
+    sd = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -230,8 +248,9 @@ def _restore_groups(directory: Path, saved: Any, live: list[dict[str, Any]]) -> 
 
 
 def load_optimizer_parts(directory: Path, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
-                         meta: Any) -> None:
-    """Rebuild ``optimizer.state_dict()`` from its two files, check it and load it."""
+                         meta: Any) -> dict[str, Any]:
+    """Rebuild ``optimizer.state_dict()`` from its two files, check it and load it into
+    ``optimizer`` (the run's, or an unsharded probe of it). Returns the checked state dict."""
     live = optimizer.state_dict()
     if not isinstance(meta, dict) or set(meta) != {"param_groups", "state_values"}:
         raise _bad(directory, OPTIMIZER_META, "not an optimizer description")
@@ -256,10 +275,12 @@ def load_optimizer_parts(directory: Path, optimizer: torch.optim.Optimizer, tens
                 or not all(_json_scalar(v) for v in kv.values()):
             raise _bad(directory, OPTIMIZER_META, f"unexpected state for parameter {pid!r}")
         state.setdefault(int(pid), {}).update(kv)
+    full = {"state": state, "param_groups": groups}
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict(full)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise _bad(directory, OPTIMIZER_META, f"refused by the optimizer ({one_line(e, 120)})") from None
+    return full
 
 
 # --- scheduler, scaler ---------------------------------------------------------------------------
@@ -330,8 +351,9 @@ def rng_state() -> dict[str, Any]:
             "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
-def set_rng_state(directory: Path, name: str, saved: Any) -> None:
-    """Restore :func:`rng_state`'s ``saved``; malformed states are refused, not half-applied."""
+def _parse_rng(directory: Path, name: str, saved: Any) -> tuple[Any, Any, torch.Tensor, list[torch.Tensor]]:
+    """:func:`rng_state`'s ``saved`` checked and decoded (python, numpy, torch, CUDA states);
+    nothing is applied."""
     try:
         if not isinstance(saved, dict) or set(saved) != {"python", "numpy", "torch", "cuda"}:
             raise ValueError("not an RNG state")
@@ -343,11 +365,22 @@ def set_rng_state(directory: Path, name: str, saved: Any) -> None:
         npy = (np_name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
         cpu = _unb64(saved["torch"])
         cuda = [_unb64(s) for s in saved["cuda"]]
-        state = random.Random()
-        state.setstate(py)  # validates before the global generators are touched
+        random.Random().setstate(py)  # validates before the global generators are touched
         np.random.RandomState().set_state(npy)
     except (ValueError, TypeError, OverflowError, KeyError) as e:
         raise _bad(directory, name, f"not a valid RNG state ({one_line(e, 100)})") from None
+    if cpu.numel() != torch.get_rng_state().numel():
+        raise _bad(directory, name, f"not a valid torch RNG state ({cpu.numel()} bytes)")
+    return py, npy, cpu, cuda
+
+
+def _check_rng(directory: Path, name: str, saved: Any) -> None:
+    _parse_rng(directory, name, saved)
+
+
+def set_rng_state(directory: Path, name: str, saved: Any) -> None:
+    """Restore :func:`rng_state`'s ``saved``; malformed states are refused, not half-applied."""
+    py, npy, cpu, cuda = _parse_rng(directory, name, saved)
     try:  # checks the length before it changes anything
         torch.set_rng_state(cpu)
     except RuntimeError as e:
@@ -365,9 +398,14 @@ def write(directory: Path, step_state: Mapping[str, Any], parts: Parts, procs: P
     """Write this process's files into ``directory`` (all but ``trainer_state.json``, which
     :func:`save` writes last, once every process has written)."""
     _write_json(directory / rng_file(procs.rank), rng_state())
+    # collective under a sharding engine: every process takes part in the gather
+    model = parts.model_state() if parts.model_state is not None else (model_tensors(parts.model) if procs.is_main else None)
+    optim = parts.optimizer_state() if parts.optimizer_state is not None else (
+        parts.optimizer.state_dict() if procs.is_main else None)
     if procs.is_main:
-        _write_tensors(directory / MODEL_FILE, model_tensors(parts.model))
-        tensors, meta = optimizer_parts(parts.optimizer)
+        assert model is not None and optim is not None, "the main process gathers the full state"
+        _write_tensors(directory / MODEL_FILE, model)
+        tensors, meta = optimizer_parts(optim)
         _write_tensors(directory / OPTIMIZER_TENSORS, tensors)
         _write_json(directory / OPTIMIZER_META, meta)
         _write_json(directory / SCHEDULER_FILE, {"scheduler": _scheduler_json(parts.scheduler),
@@ -456,17 +494,54 @@ def read_state(directory: Path, procs: Processes) -> dict[str, Any]:
     return head["state"]
 
 
-def load(directory: Path, parts: Parts, procs: Processes) -> dict[str, Any]:
-    """Restore ``parts`` and this process's RNG states from ``directory``; return the trainer's
-    state. Every file is read and checked before anything is applied."""
+@dataclass
+class Restored:
+    """A checkpoint read and checked by :func:`read_checked`: the trainer's state, the full
+    optimizer state (keyed by parameter id), the scheduler's JSON and this process's RNG state."""
+
+    directory: Path
+    state: dict[str, Any]
+    optimizer_state: dict[str, Any]
+    schedule: Any
+    rng: Any
+
+
+def read_checked(directory: Path, parts: Parts, procs: Processes) -> Restored:
+    """Read every file of ``directory``, check it against ``parts`` and load it into them: the
+    model's tensors into ``parts.model``, the optimizer state into ``parts.optimizer`` and the
+    schedule into ``parts.scheduler``. The RNG states are only checked (:func:`apply_rest` sets
+    them). Under a sharding engine ``parts`` is the *unsharded* model (which is then sharded with
+    the checkpoint's weights in it) and a throwaway optimizer and scheduler of the same
+    construction, so every check sees full shapes; every file is read before anything is
+    applied."""
     state = read_state(directory, procs)
     model = _read_tensors(directory, MODEL_FILE)
     opt_tensors = _read_tensors(directory, OPTIMIZER_TENSORS)
     opt_meta = _read_json(directory, OPTIMIZER_META)
     schedule = _read_json(directory, SCHEDULER_FILE)
     rng = _read_json(directory, rng_file(procs.rank))
+    _check_rng(directory, rng_file(procs.rank), rng)
     load_model_tensors(directory, parts.model, model)
-    load_optimizer_parts(directory, parts.optimizer, opt_tensors, opt_meta)
+    full = load_optimizer_parts(directory, parts.optimizer, opt_tensors, opt_meta)
     load_schedule(directory, parts, schedule)
-    set_rng_state(directory, rng_file(procs.rank), rng)  # last: nothing after it may draw numbers
-    return state
+    return Restored(directory, state, full, schedule, rng)
+
+
+def apply_rest(restored: Restored, parts: Parts, procs: Processes) -> None:
+    """Give the live (possibly sharded) ``parts`` the optimizer state, schedule and this
+    process's RNG states of ``restored`` (checked by :func:`read_checked`)."""
+    if parts.load_optimizer is not None:
+        parts.load_optimizer(restored.optimizer_state)
+    else:
+        parts.optimizer.load_state_dict(restored.optimizer_state)
+    load_schedule(restored.directory, parts, restored.schedule)
+    set_rng_state(restored.directory, rng_file(procs.rank), restored.rng)  # last: nothing after it may draw numbers
+
+
+def load(directory: Path, parts: Parts, procs: Processes) -> dict[str, Any]:
+    """Restore ``parts`` (unsharded: the model and optimizer the checks run against are the live
+    ones) and this process's RNG states from ``directory``; return the trainer's state. Every file
+    is read and checked before anything is applied."""
+    restored = read_checked(directory, parts, procs)
+    set_rng_state(directory, rng_file(procs.rank), restored.rng)
+    return restored.state

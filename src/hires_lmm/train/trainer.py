@@ -1,7 +1,9 @@
 """The training loop, top to bottom: build → stage → data → validate → optimise → checkpoint.
 
-Runs on one CPU for a smoke run or on many GPUs under ``torchrun`` / ``accelerate launch``
-(data parallel; FSDP and DeepSpeed through accelerate configs, see docs/training.md).
+Runs on one CPU for a smoke run or on many processes under ``torchrun`` / ``accelerate launch``:
+data parallel, FSDP2 or DeepSpeed ZeRO-2/3 as the launch's accelerate config says, never
+overridden; a requested engine that is not what ends up active stops the run before training
+(:mod:`.distributed`, docs/training.md).
 
 * AdamW, cosine schedule with linear warmup, gradient accumulation, gradient clipping.
 * Deterministic global batches (:mod:`.batches`): a resumed run continues exactly.
@@ -35,6 +37,7 @@ import torch
 from ..model import HiresLMM, prepare_image
 from . import checkpoint as ckpt_io
 from .batches import GlobalBatches
+from .distributed import Engine, setup
 from .errors import CheckpointError, ConfigMismatchError, TrainingError, one_line
 from .resume import OVERRIDABLE, check_same_data, check_same_run, data_fingerprint, truncate_metrics
 from .stages import Stage, apply_stage, get_stage, trainable_state_dict
@@ -242,6 +245,27 @@ def _apply_stage(model: HiresLMM, cfg: TrainConfig) -> tuple[Stage, list[dict[st
         raise TrainingError(one_line(e)) from None
 
 
+def _model_for_stage(cfg: TrainConfig, engine: Engine, *, for_training: bool = True
+                     ) -> tuple[HiresLMM, Stage, list[dict[str, Any]], Any]:
+    """The model built (unsharded, :meth:`~.distributed.Engine.building`), staged (with its
+    optimizer groups) and, ``for_training``, set up for gradient checkpointing
+    (``--gradient-checkpointing`` or FSDP's ``fsdp_activation_checkpointing``), with its stage and
+    chat template."""
+    with engine.building():
+        model = _build_model(cfg)
+    stage, groups = _apply_stage(model, cfg)
+    if for_training and (cfg.gradient_checkpointing or engine.activation_checkpointing):
+        # transformers >= 5.x renamed it (the old name warns and goes in v6)
+        enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
+        enable()
+        model.visual.vit.gradient_checkpointing = True
+        if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
+            model.visual.vision_tower.convnext.gradient_checkpointing = True
+    template = _template(cfg, stage)
+    model.config.template = template.name  # recorded in config.json: prediction uses the same template
+    return model, stage, groups, template
+
+
 def _template(cfg: TrainConfig, stage: Stage) -> Any:
     from ..data.templates import get_template
 
@@ -345,7 +369,7 @@ def _checkpoint_state(state: dict[str, int], accelerator: Any, cfg: TrainConfig,
 
 def _save(out: Path, state: dict[str, int], parts: ckpt_io.Parts, procs: ckpt_io.Processes, accelerator: Any,
           cfg: TrainConfig, data: dict[str, Any]) -> Path:
-    try:
+    try:  # every process calls it: under FSDP / ZeRO the state is gathered collectively
         return ckpt_io.save(out / CKPT_DIR, state["step"], _checkpoint_state(state, accelerator, cfg, data), parts,
                             procs, keep_last=cfg.keep_last)
     except OSError as e:  # a full disk, a vanished directory
@@ -357,21 +381,6 @@ def _open_metrics(out: Path) -> Any:
         return open(out / METRICS_FILE, "a", encoding="utf-8")
     except OSError as e:
         raise TrainingError(f"cannot write {out / METRICS_FILE}: {one_line(e)}") from None
-
-
-def _accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    try:
-        # cpu=True when there is no GPU: accelerate then sets up gloo for torchrun's processes
-        return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
-                           cpu=not torch.cuda.is_available(),
-                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    except ValueError as e:  # e.g. fp16 on a machine without a GPU
-        raise TrainingError(f"--mixed-precision {cfg.mixed_precision}: {one_line(e)}") from None
 
 
 class _StopFlag:
@@ -424,7 +433,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ..data.dataset import LlavaDataset, collate
 
     check_config(cfg)
-    accelerator = _accelerator(cfg)
+    engine = setup(cfg.grad_accum, cfg.mixed_precision)  # what the launch asked for, checked
+    accelerator = engine.accelerator
     main = accelerator.is_main_process
     procs = ckpt_io.Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
     out = _prepare_output(cfg) if main else Path(cfg.output_dir)
@@ -432,18 +442,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_from, saved = _resume_point(cfg, out, procs)  # before anything is built: refuse early
     set_seed(cfg.seed)
 
-    model = _build_model(cfg)
-    stage, groups = _apply_stage(model, cfg)
-    if cfg.gradient_checkpointing:
-        # transformers >= 5.x renamed it (the old name warns and goes in v6)
-        enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
-        enable()
-        model.visual.vit.gradient_checkpointing = True
-        if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
-            model.visual.vision_tower.convnext.gradient_checkpointing = True
-    template = _template(cfg, stage)
-    model.config.template = template.name  # recorded in config.json: prediction uses the same template
-
+    model, stage, groups, template = _model_for_stage(cfg, engine)
     records, lengths, skipped = _load_and_validate(cfg, model, template, main)
     fingerprint = data_fingerprint(records, lengths)
     if saved is not None:
@@ -460,17 +459,35 @@ def train(cfg: TrainConfig) -> TrainResult:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = int(cfg.warmup_ratio * total)
 
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     schedule = SCHEDULES[cfg.lr_schedule]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total, warmup))
+
+    def make_optimizer(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, warmup))
+
+    restored = None
+    if resume_from is not None:
+        # every file checked against the unsharded model and a probe optimizer of the same
+        # construction; the model's weights go into the plain model, which is then sharded
+        probe = make_optimizer([dict(g) for g in groups])
+        restored = ckpt_io.read_checked(resume_from, ckpt_io.Parts(model, probe, make_scheduler(probe),
+                                                                   accelerator.scaler), procs)
+        del probe
     model.train()
+    ddp_model, optimizer, torch_optimizer = engine.prepare(model, groups, make_optimizer, micro_batch=cfg.batch_size,
+                                                           max_grad_norm=cfg.max_grad_norm)
+    del groups  # FSDP replaced the parameters: the engine knows the live ones
     # the scheduler is not prepared: accelerate would step it once per process per step
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    parts = ckpt_io.Parts(accelerator.unwrap_model(ddp_model), optimizer, scheduler, accelerator.scaler)
+    scheduler = make_scheduler(torch_optimizer)
+    parts = engine.parts(scheduler, accelerator.scaler)
+    clip_params = engine.trainable_parameters()
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if resume_from is not None:
-        pos = _position(ckpt_io.load(resume_from, parts, procs), resume_from, steps_per_epoch)
+    if restored is not None:
+        pos = _position(restored.state, resume_from, steps_per_epoch)
+        ckpt_io.apply_rest(restored, parts, procs)
         accelerator.step = pos.pop("accelerator_step")
         state = pos
         if main:
@@ -508,7 +525,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                         o = ddp_model(batch["input_ids"], batch["image_inputs"], batch["labels"])
                         accelerator.backward(o.loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                            accelerator.clip_grad_norm_(clip_params, cfg.max_grad_norm)
                         optimizer.step()
                         if accelerator.sync_gradients:
                             scheduler.step()
@@ -553,8 +570,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             print(f"stopped by {stopped_by} at step {state['step']}; checkpoint saved — continue with --resume")
         return TrainResult(state["step"], last_loss, str(out), stopped_by, skipped)
     accelerator.wait_for_everyone()
-    if main:
-        save_final(accelerator.unwrap_model(ddp_model), out, stage, cfg)
+    distributed = engine.describe()
+    if engine.sharded:
+        # the shards gathered (collective), loaded into a fresh unsharded model on the main
+        # process (frozen weights rebuilt from the arguments, as a checkpoint's are)
+        full = engine.model_state()
+        if main:
+            set_seed(cfg.seed)
+            final, _, _, _ = _model_for_stage(cfg, engine, for_training=False)
+            ckpt_io.load_model_tensors(out, final, full)
+            save_final(final, out, stage, cfg, distributed)
+    elif main:
+        save_final(accelerator.unwrap_model(ddp_model), out, stage, cfg, distributed)
     accelerator.wait_for_everyone()
     return TrainResult(state["step"], last_loss, str(out), None, skipped)
 
@@ -567,10 +594,15 @@ def _agree(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
-def save_final(model: HiresLMM, out: Path, stage: Stage, cfg: TrainConfig) -> None:
+def save_final(model: HiresLMM, out: Path, stage: Stage, cfg: TrainConfig,
+               distributed: dict[str, Any] | None = None) -> None:
     """A stage-1 run saves only its trainable parts (plus config and tokenizer); later stages and
-    ``scratch`` save a complete model directory."""
+    ``scratch`` save a complete model directory. Both write ``stage.json``: the method, stage and
+    the ``distributed`` record of :meth:`~.distributed.Engine.describe` (engine, processes, how
+    many trainable parameters the fullest process held)."""
     model.eval()
+    info = {"method": cfg.method, "stage": stage.name, "seed": cfg.seed, "tiny": cfg.tiny,
+            "plan_options": model.config.plan_options, "distributed": distributed}
     try:
         if stage.save_trainable_only:
             from safetensors.torch import save_file
@@ -578,9 +610,8 @@ def save_final(model: HiresLMM, out: Path, stage: Stage, cfg: TrainConfig) -> No
             tmp = out / ".trainable.tmp"
             save_file(trainable_state_dict(model), tmp, metadata={"format": "pt"})
             os.replace(tmp, out / "trainable.safetensors")
-            _write_json_atomic(out / "stage.json", {"method": cfg.method, "stage": stage.name, "seed": cfg.seed,
-                                                    "tiny": cfg.tiny, "plan_options": model.config.plan_options})
         else:
             model.save_pretrained(out)
+        _write_json_atomic(out / "stage.json", info)
     except OSError as e:
         raise TrainingError(f"cannot save the trained model in {out}: {one_line(e)}") from None
