@@ -216,3 +216,22 @@ def test_compare_end_to_end(data, tmp_path, capsys):
     assert main(argv3) == 0
     assert "reusing" not in capsys.readouterr().out
     assert len((out / "runs" / "llava-uhd" / "seed-0" / "model" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_stopped_training_is_not_scored(data, tmp_path, monkeypatch):
+    """The trainer returns normally when SIGTERM stops it (checkpoint saved): compare must stop
+    there, not score the half-trained model, and redo the run next time."""
+    import hires_lmm.train as train_pkg
+    from hires_lmm.compare import run_compare
+    from hires_lmm.train import TrainResult
+
+    def stopped(cfg):
+        return TrainResult(steps=1, final_loss=5.0, output_dir=cfg.output_dir, stopped_by="SIGTERM")
+
+    monkeypatch.setattr(train_pkg, "train", stopped)
+    with pytest.raises(CompareError, match="training stopped by SIGTERM at step 1; nothing scored") as e:
+        run_compare(config(data, methods=("llava-1.5",), steps=2, batch_size=2), tmp_path, progress=False)
+    assert "\n" not in str(e.value)
+    run = tmp_path / "runs" / "llava-1.5" / "seed-0"
+    assert not (run / "result.json").exists() and not (run / "answers.jsonl").exists()
+    assert (run / "init" / "config.json").exists()           # kept: nothing was removed as if done

@@ -234,6 +234,14 @@ class _Costing:
         return parts
 
 
+def _check_finished(res: Any, key: str, seed: int, what: str) -> None:
+    """A stage the trainer stopped early (SIGTERM, SIGINT: it saves a checkpoint and returns) is not
+    a result: stop here, so nothing is scored from a half-trained model; the next run redoes it."""
+    if res.stopped_by:
+        raise CompareError(f"{key} seed {seed}: {what} stopped by {res.stopped_by} at step {res.steps}; "
+                           "nothing scored — run the same command again to redo this run")
+
+
 def _run_one(cfg: CompareConfig, out: Path, method: str, budget: int | None, seed: int, words: list[str] | None,
              costing: _Costing, progress: bool) -> dict[str, Any]:
     """Train, predict, score and cost one method at one seed; returns its row."""
@@ -282,6 +290,7 @@ def _run_one(cfg: CompareConfig, out: Path, method: str, budget: int | None, see
         res = train(TrainConfig(data_path=cfg.align_data_path or cfg.data_path, output_dir=str(align),
                                 stage=_first_stage(method), max_steps=cfg.align_steps, lr=cfg.align_lr,
                                 save_steps=cfg.align_steps, **common, **sources))
+        _check_finished(res, key, seed, "alignment")
         align_steps_done = res.steps
         if "init" in sources:
             # stage 1 saved only what it trained: the main stage starts from the same model with it
@@ -294,6 +303,7 @@ def _run_one(cfg: CompareConfig, out: Path, method: str, budget: int | None, see
     model_dir = run_dir / "model"
     res = train(TrainConfig(data_path=cfg.data_path, output_dir=str(model_dir), stage=cfg.stage, max_steps=cfg.steps,
                             lr=cfg.lr, template=cfg.template, save_steps=cfg.steps, **common, **sources))
+    _check_finished(res, key, seed, "training")
     train_s = time.perf_counter() - t0
     shutil.rmtree(init, ignore_errors=True)
     shutil.rmtree(run_dir / "align", ignore_errors=True)
