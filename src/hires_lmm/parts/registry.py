@@ -16,7 +16,7 @@ objects registered with :func:`register_method` (:mod:`hires_lmm.parts.methods`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +25,6 @@ from .options import NoOptions, Options, PartError, field_defaults
 if TYPE_CHECKING:  # the registry itself stays torch-free
     from torch import Tensor, nn
 
-    from ..plan import Plan
     from .spec import MethodSpec
 
 __all__ = ["BUILD_ORDER", "METHOD_SPECS", "PARTS", "STAGES", "BuildContext", "Part", "TokenShape", "UnitShape",
@@ -189,7 +188,3 @@ def register_method(spec: "MethodSpec") -> "MethodSpec":
     spec.check()
     METHOD_SPECS[spec.name] = spec
     return spec
-
-
-def names(stage: str) -> Sequence[str]:
-    return tuple(PARTS[stage])
