@@ -211,6 +211,11 @@ def test_chat_template_takes_content_lists_and_renders_the_reference(uhd, saved)
     ids = proc(text=proc.apply_chat_template(openai, add_generation_prompt=True, tokenize=False),
                images=rand_image((50, 40)))["input_ids"][0].tolist()
     assert ids == vicuna.prompt(tok, "<image>\nWhat is it?")
+    # tokenize=True: transformers loads the message's image and calls the processor
+    pil = [{"role": "user", "content": [{"type": "image", "image": rand_image((50, 40))},
+                                        {"type": "text", "text": "What is it?"}]}]
+    enc = proc.apply_chat_template(pil, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == ids and enc["image_sizes"].tolist() == [[[40, 50]]]
     # Llama-3 and ChatML models get their reference formats
     for name, extra in (("llama3", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
                         ("chatml", ["<|im_start|>", "<|im_end|>"])):
@@ -345,3 +350,15 @@ def test_stop_matcher_streams_exactly_the_final_text():
         assert all(s not in streamed for s in stops)
         assert final == (text[:text.find(stops[0])] if trial % 2 else text)
         assert m.stopped == bool(trial % 2)
+
+
+def test_save_pretrained_takes_transformers_arguments(tmp_path):
+    model = build_model("llava-1.5", tiny=True)
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)  # other ranks write nothing
+    assert not (tmp_path / "rank1").exists()
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    for bad in ({"safe_serialization": False}, {"push_to_hub": True}):
+        with pytest.raises(ModelLoadError) as e:
+            model.save_pretrained(tmp_path / "x", **bad)
+        assert "\n" not in str(e.value) and not (tmp_path / "x").exists()

@@ -504,14 +504,26 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         return sample_next(logits, temperature, top_p, gen)
 
     # --- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: str | int = "5GB") -> None:
-        """Write config.json, model.safetensors (sharded with an index when large) and the
-        tokenizer files (with its chat template). Written to a temporary directory first and
-        moved into place (config.json last), so an interrupted save never leaves a half-written
-        file; other files already in ``path`` (checkpoints, metrics) are left alone. The new
-        directory and files get the user's umask permissions, like any other file they write."""
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: str | int = "5GB", *,
+                        is_main_process: bool = True, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """Write config.json, model.safetensors (sharded with an index when large), the
+        generation config, the processor's files and the tokenizer files (with its chat template).
+        Written to a temporary directory first and moved into place (config.json last), so an
+        interrupted save never leaves a half-written file; other files already in ``path``
+        (checkpoints, metrics) are left alone. The new directory and files get the user's umask
+        permissions, like any other file they write.
+
+        transformers' ``is_main_process=False`` writes nothing (the other ranks of a distributed
+        run); weights are always safetensors; other transformers options are refused."""
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
+
+        if not safe_serialization:
+            raise ModelLoadError("hires-lmm saves safetensors only (safe_serialization=False is not supported)")
+        if kwargs:
+            raise ModelLoadError(f"save_pretrained: unsupported argument(s) {', '.join(sorted(kwargs))}")
+        if not is_main_process:
+            return
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
