@@ -172,7 +172,7 @@ def test_plan_refuses_a_truncated_image(tmp_path, capsys, out):
 def test_plan_of_a_size_imports_no_torch():
     # cmd_plan itself (the parser loads the other subcommands' modules, which may import torch)
     code = ("import sys, argparse; from hires_lmm.cli import cmd_plan; cmd_plan(argparse.Namespace(method='slime', "
-            "size=['99x77'], images=[], json=True, out=None, max_pixels=10)); "
+            "size=['99x77'], images=[], json=True, out=None, max_pixels=10, max_visual_tokens=None)); "
             "print('torch' in sys.modules, 'PIL' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"

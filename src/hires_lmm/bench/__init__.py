@@ -7,7 +7,21 @@ ViT-L bf16 efficiency and a ViT-L + 7B training step (:mod:`.gpu`). :func:`run_b
 :func:`write_report` writes the Markdown.
 """
 
-from .report import format_report, write_report
-from .runner import SECTIONS, SUMMARY_KEYS, BenchSettings, run_bench, summary
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# imported on first use: the CLI imports ``hires_lmm.bench.cli`` (and so this package) to
+# register ``hires bench``, and `hires plan` / `hires cost` must not pay for torch at start-up
+_LAZY = {"format_report": "report", "write_report": "report", "SECTIONS": "runner", "SUMMARY_KEYS": "runner",
+         "BenchSettings": "runner", "run_bench": "runner", "summary": "runner"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["SECTIONS", "SUMMARY_KEYS", "BenchSettings", "format_report", "run_bench", "summary", "write_report"]

@@ -19,7 +19,8 @@ See docs/adding-a-method.md.
 
 from __future__ import annotations
 
-from . import methods  # noqa: F401  (registers the presets)
+# the presets register themselves when a registry is first read (registry._Registry): importing
+# this package imports no torch
 from .configs import config_fields, spec_from_config
 from .files import is_method_file, load_method_file, resolve_method, spec_from_dict
 from .options import Options, PartError

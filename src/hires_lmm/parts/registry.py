@@ -39,9 +39,73 @@ STAGES: tuple[str, ...] = ("views", "encoder", "fusion", "compressor", "layout",
 BUILD_ORDER: tuple[str, ...] = ("encoder", "compressor", "fusion", "layout", "selector")
 
 #: stage → part name → part class
-PARTS: dict[str, dict[str, type["Part"]]] = {s: {} for s in STAGES}
+
+
+class _Registry(dict):  # type: ignore[type-arg]  # (a dict of any values; the annotations below say which)
+    """A dict whose first read imports the preset modules (:mod:`hires_lmm.parts.methods`), which
+    fill it through ``@register_part`` / :func:`register_method`.
+
+    The preset modules define torch modules; importing them lazily keeps ``import hires_lmm.parts``
+    (which the CLI does to register ``hires methods`` and to recognise method files) free of
+    torch, so ``hires plan`` / ``hires cost`` of a preset start without it. Writes never load.
+    """
+
+    _loading = False
+    _loaded = False
+
+    @classmethod
+    def _load(cls) -> None:
+        if cls._loaded or cls._loading:
+            return
+        cls._loading = True
+        try:
+            import importlib
+
+            importlib.import_module("hires_lmm.parts.methods")
+            cls._loaded = True
+        finally:
+            cls._loading = False
+
+    def __getitem__(self, key: Any) -> Any:
+        self._load()
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._load()
+        return super().__contains__(key)
+
+    def __iter__(self) -> Any:
+        self._load()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._load()
+        return super().__len__()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._load()
+        return super().get(key, default)
+
+    def keys(self) -> Any:
+        self._load()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._load()
+        return super().values()
+
+    def items(self) -> Any:
+        self._load()
+        return super().items()
+
+    def __repr__(self) -> str:
+        self._load()
+        return super().__repr__()
+
+
+PARTS: dict[str, dict[str, type["Part"]]] = _Registry({s: {} for s in STAGES})
 #: method name → spec (the presets, and whatever a user registers)
-METHOD_SPECS: dict[str, "MethodSpec"] = {}
+METHOD_SPECS: dict[str, "MethodSpec"] = _Registry()
 
 
 @dataclass(frozen=True)
