@@ -31,7 +31,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       template=args.template, num_shards=num_shards, shard=shard, progress=not args.no_progress,
                       model_id=args.model_id, seed=args.seed, retry_errors=args.retry_errors, device=args.device,
-                      fast_decode=args.fast_decode)
+                      fast_decode=args.fast_decode, max_visual_tokens=args.max_visual_tokens)
     except (FileNotFoundError, ImageLoadError, ModelLoadError) as e:
         raise CLIError(one_line(e)) from None
     except ValueError as e:  # a malformed question file, an unknown template
@@ -97,6 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retry-errors", action="store_true", help="ask questions whose earlier answer was an error again")
     p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced (2-4x faster preprocessing, within a few grey levels of the exact pixels)")
+    p.add_argument("--max-visual-tokens", type=int, metavar="B",
+                   help="plan every image within B visual tokens (the planners' budget; default: the saved "
+                        "config's); an image no plan fits is recorded as an error answer")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 

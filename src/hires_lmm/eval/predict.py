@@ -25,6 +25,11 @@ answer record with ``"text": ""`` and an ``"error"`` field naming the problem, w
 :func:`~.evaluate.evaluate` counts as wrong and reports. ``retry_errors=True`` asks such
 questions again on the next run (e.g. after the image was fixed). Errors of the model itself are
 not caught.
+
+Visual-token budget: ``max_visual_tokens=B`` plans every image with the budget (the planners'
+``max_visual_tokens``, see docs/methods.md "Visual-token budget") instead of the saved config's
+value; an image that no faithful plan fits within ``B`` is recorded as an error answer
+(``"BudgetError: ..."``) like an unreadable one.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,11 +83,11 @@ def resolve_shard(num_shards: int | None = None, shard: int | None = None,
                   env: dict[str, str] | None = None) -> tuple[int, int]:
     """``(num_shards, shard)``: the given values, else torchrun's ``WORLD_SIZE``/``RANK``, else
     ``(1, 0)``. Raises ValueError unless ``0 <= shard < num_shards``."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     if num_shards is None:
-        num_shards = int(env.get("WORLD_SIZE", 1))
+        num_shards = int(environ.get("WORLD_SIZE", 1))
     if shard is None:
-        shard = int(env.get("RANK", 0)) if num_shards > 1 else 0
+        shard = int(environ.get("RANK", 0)) if num_shards > 1 else 0
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
     return num_shards, shard
@@ -200,7 +205,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
             batch_size: int = 8, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
             template: str | None = None, num_shards: int = 1, shard: int = 0, progress: bool = True,
             model_id: str | None = None, seed: int | None = 0, retry_errors: bool = False,
-            device: str | None = None, fast_decode: bool = False,
+            device: str | None = None, fast_decode: bool = False, max_visual_tokens: int | None = None,
             on_batch: Callable[[list[dict[str, Any]]], None] | None = None) -> PredictResult:
     """Answer the questions of shard ``shard`` of ``num_shards`` into ``answers_file`` (JSONL).
 
@@ -219,18 +224,45 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
         retry_errors: ask questions whose earlier answer is an error record again.
         device: where a model directory is loaded (default: GPU if available).
         fast_decode: decode large images reduced (:func:`hires_lmm.model.prepare_image`'s ``fast``).
+        max_visual_tokens: the visual-token budget every image is planned with (set in the model's
+            ``config.plan_options`` for this call); None: the saved config's value, if any. An
+            image no plan fits is recorded as an error answer. Not a positive integer: BudgetError.
         on_batch: called with each batch's records after they are written (for tests, logging).
 
     Bad images are recorded as error answers, not raised (see the module doc).
     """
     from ..image import ImageLoadError
+    from ..plan.budget import BudgetError, check_budget
 
+    if max_visual_tokens is not None:
+        max_visual_tokens = check_budget(max_visual_tokens)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < num_shards")
     questions = read_questions(question_file)[shard::num_shards]
     net, model_dir = load_model(model, device)
+    saved_options = net.config.plan_options
+    if max_visual_tokens is not None:  # a new dict: a model passed in gets its own back at the end
+        net.config.plan_options = {**(saved_options or {}), "max_visual_tokens": max_visual_tokens}
+    try:
+        return _predict(net, model_dir, questions, question_file, image_folder, answers_file, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, template=template,
+                        num_shards=num_shards, shard=shard, progress=progress, model_id=model_id, seed=seed,
+                        retry_errors=retry_errors, fast_decode=fast_decode, on_batch=on_batch,
+                        recorded=(ImageLoadError, OSError, BudgetError))
+    finally:
+        net.config.plan_options = saved_options
+
+
+def _predict(net: HiresLMM, model_dir: str | None, questions: list[dict[str, Any]], question_file: PathLike,
+             image_folder: PathLike, answers_file: PathLike, *, batch_size: int, max_new_tokens: int,
+             temperature: float, top_p: float, template: str | None, num_shards: int, shard: int, progress: bool,
+             model_id: str | None, seed: int | None, retry_errors: bool, fast_decode: bool,
+             on_batch: Callable[[list[dict[str, Any]]], None] | None,
+             recorded: tuple[type[BaseException], ...]) -> PredictResult:
+    """The loop of :func:`predict` over a loaded model; exceptions of ``recorded`` raised while
+    preparing a question's image become its error answer."""
     template = template or training_template(model_dir, net) or DEFAULT_TEMPLATE
     if model_id is None:
         model_id = Path(model_dir).name if model_dir else net.config.method
@@ -255,7 +287,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
                 prompt = build_prompt(q)
                 try:
                     ims = [net.prepare_image(folder / str(q["image"]), fast=fast_decode)] if q.get("image") else []
-                except (ImageLoadError, OSError) as e:  # unreadable image: recorded, not raised
+                except recorded as e:  # unreadable image, over the budget: recorded, not raised
                     records[i] = _record(q, "", model_id, error=f"{type(e).__name__}: {e}")
                     continue
                 if prompt.count(IMAGE_PLACEHOLDER) != len(ims):
