@@ -65,4 +65,5 @@ def _cache_keyword(forward_type: type, name: str) -> str:
 def cache_kwargs(llm: Any, cache: Any) -> dict[str, Any]:
     """``{keyword: cache}`` for ``llm.forward``: ``cache=`` where its signature takes it (transformers
     >= 5.24), else ``past_key_values=`` (<= 5.23, and remote-code models written for those)."""
-    return {_cache_keyword(type(llm), "forward"): cache}
+    forward_type: type = type(llm)
+    return {_cache_keyword(forward_type, "forward"): cache}

@@ -4,6 +4,7 @@ and separator ids looked up from the tokenizer itself (never hard-coded ids)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -65,10 +66,11 @@ def build_byte_tokenizer(words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
 
 def ensure_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Id of ``<image>``, adding it as a special token when the tokenizer lacks it."""
-    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # transformers types the result as int | list[int]; for one token (a str) it is an int or None
+    tid = cast("int | None", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     if tid is None or tid == tokenizer.unk_token_id:
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        tid = cast(int, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))  # just added: an int
     return int(tid)
 
 

@@ -96,7 +96,8 @@ def _train_model(layers: int, vision: dict[str, Any], text: dict[str, Any], devi
     cfg = tiny_config("llava-1.5", len(tok))
     cfg.vision_config = dict(vision)
     cfg.text_config = {**text, "num_hidden_layers": layers, "vocab_size": max(len(tok), text.get("vocab_size", 0))}
-    return build_from_config(cfg, tok).to(device=device, dtype=dtype).train()
+    # transformers' @wraps(nn.Module.to) makes mypy see PreTrainedModel.to unbound (self missing)
+    return build_from_config(cfg, tok).to(device=device, dtype=dtype).train()  # type: ignore[call-arg]
 
 
 def train_step(layers: int, *, device: str | torch.device = "cuda", vision: dict[str, Any] = VIT_L,

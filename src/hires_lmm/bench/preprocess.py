@@ -66,12 +66,17 @@ def make_photos(directory: str | Path, n: int, size: tuple[int, int], seed: int 
 
 def hf_processor() -> tuple[Any, str]:
     """transformers' LLaVA-NeXT processor with LLaVA-NeXT's settings, and its class name."""
+    cls: type[Any]
     if importlib.util.find_spec("torchvision") is not None:
-        from transformers import LlavaNextImageProcessor as cls
+        from transformers import LlavaNextImageProcessor
+
+        cls = LlavaNextImageProcessor
     else:  # what LlavaNextImageProcessor falls back to without torchvision (minus the warning)
         from transformers.models.llava_next.image_processing_pil_llava_next import (
-            LlavaNextImageProcessorPil as cls,
+            LlavaNextImageProcessorPil,
         )
+
+        cls = LlavaNextImageProcessorPil
     proc = cls(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_pad=False,
                image_grid_pinpoints=[[h, w] for w, h in NEXT_PINPOINTS])

@@ -227,7 +227,8 @@ def build_converted(fmt: str, src: str | Path, *, vision: str | Path | None = No
         model.load_state_dict(mapped, strict=False)  # copy_ casts to each parameter's dtype
     if hasattr(model.llm, "tie_weights"):
         model.llm.tie_weights()
-    model.to(target)
+    # transformers' @wraps(nn.Module.to) makes mypy see PreTrainedModel.to unbound (dtype as self)
+    model.to(target)  # type: ignore[arg-type]
     report = ConversionReport(format=fmt, method=t.method, src=str(src), dst=None, files=[f.name for f in files],
                               tensors=len(state), loaded=len(mapped), dropped=dict(dropped), external=external,
                               vocab_padded=padded, dtype=str(target).replace("torch.", ""),

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -174,13 +174,16 @@ def hf_config(raw: dict[str, Any], to: str, tokenizer: PreTrainedTokenizerBase, 
         tid = getattr(tokenizer, name, None)
         if tid is not None:
             text[name] = int(tid)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # transformers types the result as int | list[int]; for one token (a str) it is an int or None
+    image_id = cast("int | None", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ExportError(f"the tokenizer has no {IMAGE_TOKEN} token")
-    common = dict(vision_config=vision, text_config=text, image_token_id=int(image_id), projector_hidden_act="gelu",
-                  vision_feature_select_strategy="default" if has_cls else "full",
-                  vision_feature_layer=int(raw.get("select_layer", -2)), multimodal_projector_bias=True,
-                  image_seq_length=(side // patch) ** 2, tie_word_embeddings=bool(text.get("tie_word_embeddings", False)))
+    common: dict[str, Any] = dict(
+        vision_config=vision, text_config=text, image_token_id=int(image_id), projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if has_cls else "full",
+        vision_feature_layer=int(raw.get("select_layer", -2)), multimodal_projector_bias=True,
+        image_seq_length=(side // patch) ** 2, tie_word_embeddings=bool(text.get("tie_word_embeddings", False)))
+    cfg: LlavaConfig | LlavaNextConfig
     try:
         if to == "hf-llava":
             cfg = LlavaConfig(**common)
@@ -276,9 +279,10 @@ def _image_processor(to: str, side: int, pinpoints: list[list[int]] | None) -> A
 
     from ..image.render import CLIP_MEAN, CLIP_STD
 
-    kw = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=PILImageResampling.BICUBIC,
-              do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True)
+    kw: dict[str, Any] = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                              resample=PILImageResampling.BICUBIC, do_center_crop=True, do_rescale=True,
+                              do_normalize=True, do_convert_rgb=True)
     if to == "hf-llava":
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -287,6 +291,7 @@ def _image_processor(to: str, side: int, pinpoints: list[list[int]] | None) -> A
         return LlavaImageProcessorPil(do_pad=True, **kw)
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+    assert pinpoints is not None  # export passes _pinpoints(raw) for hf-llava-next
     return LlavaNextImageProcessorPil(do_pad=True, image_grid_pinpoints=pinpoints, **kw)
 
 
@@ -393,7 +398,8 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     target = _DTYPES[dtype] if dtype != "auto" else next(v.dtype for v in state.values() if v.is_floating_point())
-    vocab = int(model.llm.get_input_embeddings().weight.shape[0])
+    # nn.Module.__getattr__ types the embedding's parameter as Tensor | Module
+    vocab = int(cast(torch.Tensor, model.llm.get_input_embeddings().weight).shape[0])
     config = hf_config(raw, to, tokenizer, vocab, target)
     pins = _pinpoints(raw) if to == "hf-llava-next" else None
     cls = LlavaForConditionalGeneration if to == "hf-llava" else LlavaNextForConditionalGeneration

@@ -188,8 +188,8 @@ def count_placeholders(conversations: Any) -> int:
     """Number of ``<image>`` placeholders over all turns (non-string values count 0)."""
     if not isinstance(conversations, list):
         return 0
-    return sum(t.get("value").count(IMAGE_TOKEN) for t in conversations
-               if isinstance(t, Mapping) and isinstance(t.get("value"), str))
+    return sum(v.count(IMAGE_TOKEN) for t in conversations
+               if isinstance(t, Mapping) and isinstance(v := t.get("value"), str))
 
 
 def make_record(raw: Any, *, source: str = "", index: int = 0, image_first: bool = False) -> Record:

@@ -291,9 +291,9 @@ def build_examples(n: int, *, seed: int = 0, tasks: Sequence[str] = TASKS, test_
     slots: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
     for ti, task in enumerate(tasks):
         nt = n // T + (ti < n % T)
-        classes = used[task]
+        names = used[task]
         n_test = int(round(nt * test_fraction))
-        pairs = [(classes[i % len(classes)], "test" if i < n_test else "train") for i in range(nt)]
+        pairs = [(names[i % len(names)], "test" if i < n_test else "train") for i in range(nt)]
         order = rng.permutation(nt)
         sz = [sizes[i % len(sizes)] for i in range(nt)]
         sz_order = rng.permutation(nt)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -141,7 +141,8 @@ def _info(tokenizer: PreTrainedTokenizerBase) -> _TokInfo:
                 *getattr(tokenizer, "all_special_tokens", [])):
         if not isinstance(tok, str) or not tok:
             continue
-        tid = tokenizer.convert_tokens_to_ids(tok)
+        # transformers types the result as int | list[int]; for one token (a str) it is an int or None
+        tid = cast("int | None", tokenizer.convert_tokens_to_ids(tok))
         if tid is None:
             continue
         added = getattr(tokenizer, "added_tokens_decoder", {}).get(tid)
@@ -162,9 +163,8 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | Non
     """Id of ``token`` when the tokenizer turns that string into exactly that one token, else None."""
     info = _info(tokenizer)
     if token not in info.single:
-        tid = tokenizer.convert_tokens_to_ids(token)
-        ok = tid is not None and _ids(tokenizer, token) == [tid]
-        info.single[token] = int(tid) if ok else None
+        tid = cast("int | None", tokenizer.convert_tokens_to_ids(token))  # a str: int or None, as above
+        info.single[token] = int(tid) if tid is not None and _ids(tokenizer, token) == [tid] else None
     return info.single[token]
 
 

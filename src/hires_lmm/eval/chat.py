@@ -19,6 +19,7 @@ from .predict import DEFAULT_TEMPLATE, IMAGE_PLACEHOLDER, load_model, training_t
 
 if TYPE_CHECKING:
     from ..model import HiresLMM
+    from ..processing import ImageInput
 
 
 class ChatBot:
@@ -30,7 +31,7 @@ class ChatBot:
         self.model, model_dir = load_model(model, device)
         self.template = template or training_template(model_dir, self.model) or DEFAULT_TEMPLATE
         self.generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-        self.image = None
+        self.image: ImageInput | None = None
         self.image_name: str | None = None
         if image is not None:
             self.set_image(image)
@@ -45,7 +46,7 @@ class ChatBot:
         prompt = question
         if self.image is not None and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt
-        images = [[self.image]] if self.image is not None else [[]]
+        images: list[list[ImageInput]] = [[self.image]] if self.image is not None else [[]]
         if prompt.count(IMAGE_PLACEHOLDER) != len(images[0]):
             raise ValueError(f"{prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
                              f"for {len(images[0])} image(s)")

@@ -171,7 +171,7 @@ class HiresLMMEval(_Base):
             return []
         vis = doc_to_visual(self._doc(task, split, doc_id))
         vis = [] if vis is None else list(vis) if isinstance(vis, (list, tuple)) else [vis]
-        out = []
+        out: list[Any] = []
         for v in vis:
             if isinstance(v, (list, tuple)):
                 out.extend(v)

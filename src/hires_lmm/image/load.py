@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 #: Default pixel limit: 64 megapixels (an 8000×8000 photo). Large enough for real photographs and
 #: scans, small enough that one decoded image (3 bytes per pixel) cannot exhaust memory.
@@ -161,7 +161,7 @@ def _open(src: ImageSource, what: str) -> Image.Image:
         raise TruncatedImageError(f"{what}: cannot read image header ({e})") from None
 
 
-def _png_trailing_exif(img: Image.Image) -> bytes | None:
+def _png_trailing_exif(img: ImageFile.ImageFile) -> bytes | None:
     """The eXIf chunk that follows the image data of a PNG not yet decoded, found by skipping from
     chunk header to chunk header (nothing is decompressed); None when there is none.
 
@@ -194,7 +194,8 @@ def _png_trailing_exif(img: Image.Image) -> bytes | None:
 
 
 def _orientation(img: Image.Image) -> int:
-    if img.format == "PNG" and "exif" not in img.info and img.tile:
+    # only a file PIL opened has a format (and tiles); a plain Image's format is None
+    if img.format == "PNG" and isinstance(img, ImageFile.ImageFile) and "exif" not in img.info and img.tile:
         try:  # the PNG's header had no eXIf chunk: look after the image data without decoding it
             exif = _png_trailing_exif(img)
             if exif is None:
@@ -302,8 +303,12 @@ def load_image(src: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     if isinstance(src, str) and src.startswith("data:"):
         src = decode_data_url(src)
     what = _describe(src)
-    opened = None if isinstance(src, Image.Image) else _open(src, what)
-    img = src if opened is None else opened
+    opened: Image.Image | None
+    if isinstance(src, Image.Image):
+        opened, img = None, src
+    else:
+        opened = _open(src, what)
+        img = opened
     try:
         # on the stored size, before anything else: reading a PNG's EXIF can decode the pixels
         _check_pixels(img.size, max_pixels, what)

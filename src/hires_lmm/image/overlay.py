@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..plan.types import Plan
+from ..plan.types import Plan, View
 
 ROLE_COLOURS = {
     "slice": (230, 57, 70), "overview": (29, 53, 87), "base": (29, 53, 87), "tile": (230, 57, 70),
@@ -14,7 +14,7 @@ ROLE_COLOURS = {
 }
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -32,13 +32,15 @@ def draw_plan(img: Image.Image, plan: Plan, *, width: int = 1200, thumb_height: 
     font, small = _font(16), _font(12)
 
     # the views, wrapped in rows under the image
-    thumbs = []
+    thumbs: list[tuple[int, View, Image.Image]] = []
     for i, (v, t) in enumerate(zip(plan.views, views)):
         pic = denormalize(t)
         k = min(thumb_height / pic.height, (width - 20) / pic.width)
         size = (max(1, round(pic.width * k)), max(1, round(pic.height * k)))
         thumbs.append((i, v, pic.resize(size, Image.Resampling.BILINEAR)))
-    rows, row, x = [], [], 10
+    rows: list[list[tuple[int, View, Image.Image]]] = []
+    row: list[tuple[int, View, Image.Image]] = []
+    x = 10
     for item in thumbs:
         if row and x + item[2].width > width - 10:
             rows.append(row)

@@ -118,7 +118,7 @@ def _pad_square_from_box(img: Image.Image, canvas: Canvas, box: BoxF, size: tupl
         img = padded
     sq = [sq[0] + left, sq[1] + top, sq[2] + left, sq[3] + top]
     sq = [max(0.0, sq[0]), max(0.0, sq[1]), min(float(img.width), sq[2]), min(float(img.height), sq[3])]
-    return img.resize(canvas.resize, Image.Resampling.BICUBIC, box=tuple(sq))
+    return img.resize(canvas.resize, Image.Resampling.BICUBIC, box=(sq[0], sq[1], sq[2], sq[3]))
 
 
 def normalize(img: Image.Image, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:

@@ -7,6 +7,8 @@ L = max(int(S/32·14), 336), CLS dropped. Visual tokens = (L/14)², the ViT grid
 
 from __future__ import annotations
 
+from functools import partial
+
 from .budget import check_budget, fit_budget
 from .common import check_size
 from .types import Canvas, Plan, Size, TokenGroup, cut_view
@@ -39,7 +41,7 @@ def plan_llava_hr(size: Size, *, S: int = 1024, patch: int = 14, conv_stride: in
     if max_visual_tokens is not None:
         budget = check_budget(max_visual_tokens)
         return fit_budget("llava-hr", size, budget,
-                          [({"S": s}, lambda s=s: plan_llava_hr(size, S=s, patch=patch, conv_stride=conv_stride))
+                          [({"S": s}, partial(plan_llava_hr, size, S=s, patch=patch, conv_stride=conv_stride))
                            for s in hr_budget_sides(S)])
     if S % conv_stride:
         raise ValueError(f"LLaVA-HR input side S={S} must be a multiple of the ConvNeXt stride {conv_stride}")

@@ -10,6 +10,7 @@ therefore a bound: 576 + 1 + 144·tiles.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from .anyres import padded_canvas, select_best_resolution
 from .budget import check_budget, fit_budget
@@ -47,8 +48,8 @@ def plan_slime(size: Size, *, side: int = 336, patch: int = 14, local_queries: i
         budget = check_budget(max_visual_tokens)
         caps = [max_tiles, *range(max_tiles - 1, MIN_TILE_CAP - 1, -1)]
         return fit_budget("slime", size, budget,
-                          [({"max_tiles": t}, lambda t=t: plan_slime(size, side=side, patch=patch,
-                                                                     local_queries=local_queries, max_tiles=t))
+                          [({"max_tiles": t}, partial(plan_slime, size, side=side, patch=patch,
+                                                          local_queries=local_queries, max_tiles=t))
                            for t in caps])
     best = select_best_resolution(size, local_candidates(size, side, max_tiles))
     cols, rows = best[0] // side, best[1] // side

@@ -9,6 +9,7 @@ at most 6 slices, its score written as −|log(W·n / (H·m))|, 64 queries per p
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from .budget import check_budget, fit_budget
 from .common import check_size, grid_boxes
@@ -102,9 +103,9 @@ def plan_llava_uhd(size: Size, *, arxiv: bool = False, max_slices: int | None = 
         budget = check_budget(max_visual_tokens)
         limits = [max_slices, *range(max_slices - 1, 0, -1)]
         return fit_budget("llava-uhd-arxiv" if arxiv else "llava-uhd", size, budget,
-                          [({"max_slices": k}, lambda k=k: plan_llava_uhd(
-                              size, arxiv=arxiv, max_slices=k, side=side, patch=patch, queries=queries,
-                              prescale_long_side=prescale_long_side)) for k in limits])
+                          [({"max_slices": k}, partial(
+                              plan_llava_uhd, size, arxiv=arxiv, max_slices=k, side=side, patch=patch,
+                              queries=queries, prescale_long_side=prescale_long_side)) for k in limits])
     src = prescale_size(size, prescale_long_side) if prescale_long_side else size
     grid = best_grid(src, max_slices, side, arxiv)
     method = "llava-uhd-arxiv" if arxiv else "llava-uhd"

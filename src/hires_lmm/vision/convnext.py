@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -241,12 +241,14 @@ class ConvNeXt(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enable: bool) -> None:
         for s in self.stages:
-            s.gradient_checkpointing = bool(enable)
+            # nn.Sequential iterates as nn.Module; every stage is a ConvNeXtStage (built in __init__)
+            cast(ConvNeXtStage, s).gradient_checkpointing = bool(enable)
 
     # ------------------------------------------------------------------ computation
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dims[0], H/4, W/4)."""
-        return self.stem(x.to(self.stem[0].weight.dtype))
+        # nn.Sequential indexes as nn.Module; the stem's first layer is the patchify Conv2d
+        return self.stem(x.to(cast(nn.Conv2d, self.stem[0]).weight.dtype))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the 4 stage outputs (B, dims[i], H/4/2^i, W/4/2^i)."""

@@ -114,6 +114,7 @@ class MRAdapter(nn.Module):
         # keeps nn.Linear's default init.
         nn.init.xavier_uniform_(self.slow_conv.weight)
         nn.init.xavier_uniform_(self.fast_conv.weight)
+        assert self.slow_conv.bias is not None and self.fast_conv.bias is not None  # built with bias=True
         nn.init.zeros_(self.slow_conv.bias)
         nn.init.zeros_(self.fast_conv.bias)
         for proj in (self.slow_proj, self.fast_proj):
@@ -121,6 +122,7 @@ class MRAdapter(nn.Module):
                 nn.init.zeros_(proj.weight)
             else:
                 nn.init.xavier_uniform_(proj.weight)
+            assert proj.bias is not None  # built with bias=True
             nn.init.zeros_(proj.bias)
 
     def forward(

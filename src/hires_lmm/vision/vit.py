@@ -228,7 +228,7 @@ class ViT(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def _core(self) -> nn.Module:
+    def _core(self) -> Any:  # an HF CLIP/SigLIP transformer: its submodules are looked up by name
         # transformers 4.x nests the transformer under `.vision_model`; 5.x puts it on the model.
         # (A property, not an attribute: assigning a Module would register it twice.)
         return getattr(self.vision_tower, "vision_model", self.vision_tower)
@@ -475,9 +475,11 @@ class ViT(nn.Module):
                     k += 1
         return out  # type: ignore[return-value]
 
-    def _packed_block(self, layer: nn.Module, x: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def _packed_block(self, layer: Any, x: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
         """One pre-LN block (CLIP/SigLIP ``EncoderLayer``) on packed tokens ``x`` (N, d):
-        attention within each view only, everything else over all N tokens at once."""
+        attention within each view only, everything else over all N tokens at once.
+
+        ``layer`` is typed Any: an HF encoder layer whose submodules are looked up by name."""
         attn = layer.self_attn
         heads = int(attn.num_heads)
         hd = x.shape[-1] // heads
