@@ -111,14 +111,17 @@ def test_sharded_run_shards_matches_one_process_and_resumes_exactly(data, single
     assert losses(out)[0] != losses(out)[-1]
 
     # the consolidated model: a from_pretrained directory one process loads, with the weights
-    # the single process reached (same numbers summed in another order)
+    # the single process reached (same numbers summed in another order). atol 2e-5: attention's
+    # k_proj biases have a mathematically zero gradient (softmax ignores a shift), so their AdamW
+    # updates are normalised rounding noise (~1e-6 here); a real difference (a wrong step or lr)
+    # moves weights by ~lr = 1e-3
     from hires_lmm.model import HiresLMM
 
     model = HiresLMM.from_pretrained(out)
     ref = load_file(single / "model.safetensors")
     for k, v in model.state_dict().items():
         if k in ref:
-            assert torch.allclose(v, ref[k], rtol=1e-4, atol=1e-6), k
+            assert torch.allclose(v, ref[k], rtol=1e-4, atol=2e-5), k
     assert not any(p.suffix in (".bin", ".pt", ".pkl", ".pth") for p in out.rglob("*"))  # no pickles anywhere
 
     # killed after the step-2 checkpoint, resumed with 2 processes: the same weights bit for bit

@@ -459,14 +459,27 @@ class Engine:
 
             sd = {"state": {self.names[i]: st for i, st in full["state"].items()},
                   "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in full["param_groups"]]}
-            # every process read the same full file: each keeps its own shard of it
+            # every process read the same full file: each keeps its own shard of it. strict=False:
+            # AdamW holds no state for a parameter that never had a gradient (the ViT layers after
+            # the selected feature layer), and the file was checked against a probe already
             set_optimizer_state_dict(self.module, self.torch_optimizer, optim_state_dict=sd,
-                                     options=StateDictOptions(full_state_dict=True))
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
         for g, saved in zip(self.torch_optimizer.param_groups, full["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
+        if full["state"]:
+            # ZeRO-3 creates AdamW's state on its flat partitions at the first step: create it (as
+            # AdamW would, zeros) so the saved moments and step have somewhere to go
+            zero = self.wrapped.optimizer  # ZeRO's optimizer: its fp32 partitions are what AdamW steps
+            flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+            for flat in flats:
+                if flat.numel():
+                    st = self.torch_optimizer.state[flat]
+                    if "exp_avg" not in st:
+                        st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
+                                  exp_avg_sq=torch.zeros_like(flat))
         params = self._params_by_name()
         steps = {float(st["step"]) for st in full["state"].values()}
         if len(steps) > 1:
