@@ -693,7 +693,7 @@ class TokenizerTemplate(ChatTemplate):
         return [Segment(self._render(tokenizer, self._messages(conv), generation=True))]
 
     def stop_token_ids(self, tokenizer):
-        return [single_token_id(tokenizer, t) for t in self._end_markers(tokenizer)]  # type: ignore[misc]
+        return [single_token_id(tokenizer, t) for t in self._end_markers(tokenizer)]
 
 
 TEMPLATES: dict[str, type[ChatTemplate]] = {

@@ -113,10 +113,11 @@ class LoglikelihoodResult(tuple, _ResultBase):
     def __reduce__(self) -> tuple:
         return (type(self), tuple(self))
 
+    # overrides GenerationResult.text where lmms-eval is installed (unused-ignore: where it is not)
     @property
-    def text(self) -> tuple[float, bool]:  # type: ignore[override]
+    def text(self) -> tuple[float, bool]:  # type: ignore[override, unused-ignore]
         """The plain ``(loss, is_greedy)`` tuple (what lmms-eval's unwrapping passes on)."""
-        return tuple(self)  # type: ignore[return-value]
+        return tuple(self)
 
 
 def _as_bool(v: Any) -> bool:

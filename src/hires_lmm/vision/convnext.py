@@ -291,7 +291,7 @@ class ConvNeXt(nn.Module):
             out[k] = v
         return out
 
-    def load_state_dict(  # type: ignore[override]
+    def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
         """As nn.Module's, but a strict load names every missing / unexpected / misshaped key."""
