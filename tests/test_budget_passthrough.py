@@ -108,3 +108,143 @@ def test_cli_predict_max_visual_tokens(uhd, tmp_path, capsys, spliced):
     err = capsys.readouterr().err
     assert "max_visual_tokens must be a positive integer, got 0" in err and "Traceback" not in err
     assert not (tmp_path / "c.jsonl").exists()
+
+
+# --- a composed method's counts ---------------------------------------------------------------------
+
+COMPOSED = {"base": "llava-next", "compressor": "uhd-spatial"}
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    """LLaVA-NeXT's views through UHD's spatial resampler, tiny, saved and loaded back."""
+    d = tmp_path_factory.mktemp("composed") / "next-uhd"
+    build_model(COMPOSED, tiny=True, seed=0).save_pretrained(d)
+    return HiresLMM.from_pretrained(d), d
+
+
+def test_composed_method_counts_are_the_spliced_counts(composed):
+    from hires_lmm.processing import HiresProcessor
+
+    model, d = composed
+    assert model.config.method == "llava-next" and model.config.method_spec["compressor"] == "uhd-spatial"
+    saved = HiresProcessor.from_pretrained(d)
+    sizes = [(336, 336), (672, 336), (500, 900)]
+    ids = torch.tensor([1, model.image_token_id, 2])
+    for size in sizes:
+        image = model.prepare_image(Image.new("RGB", size, (90, 40, 160)))
+        with torch.no_grad():
+            out = model([ids], [[image]])
+        n = out.batch.num_visual_tokens[0]
+        planner = plan_image("llava-next", size).num_visual_tokens
+        assert n < planner  # the resampler compresses: the planner's count would be wrong
+        assert model.plan(size).num_visual_tokens == n
+        assert model.processor().num_visual_tokens([size]) == [n] == saved.num_visual_tokens([size])
+        mm = saved._get_num_multimodal_tokens(image_sizes=[(size[1], size[0])])
+        assert mm["num_image_tokens"] == [n] and mm["num_image_patches"] == [len(image.plan.views)]
+
+
+def test_preset_counts_are_the_planners(uhd):
+    model = HiresLMM.from_pretrained(uhd["model_dir"])
+    for size in SIZES:
+        assert model.plan(size) == plan_image("llava-uhd", size)
+        assert model.plan(size, max_visual_tokens=BUDGET) == plan_image("llava-uhd", size, max_visual_tokens=BUDGET)
+    assert "method_spec" not in model.processor().image_processor.to_dict()
+
+
+# --- the server: a per-request budget ------------------------------------------------------------------
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+# the tiny served LLaVA-UHD of tests/test_serve.py, its helpers and fixtures (pytest puts tests/ on the path)
+from test_serve import NAME, assert_error, chat, data_url, model_dir, picture, request, served, user  # noqa: E402,F401
+
+from hires_lmm.serve.errors import APIError  # noqa: E402
+from hires_lmm.serve.protocol import parse_chat_request, parse_plan_request  # noqa: E402
+
+
+def _body(**extra) -> dict:
+    return {"model": NAME, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+@pytest.mark.parametrize("extra, budget, param", [
+    ({}, None, "max_visual_tokens"),
+    ({"max_visual_tokens": 300}, 300, "max_visual_tokens"),
+    ({"max_visual_tokens": 300.0}, 300, "max_visual_tokens"),
+    ({"mm_processor_kwargs": {"max_visual_tokens": 64}}, 64, "mm_processor_kwargs.max_visual_tokens"),
+    ({"max_visual_tokens": 64, "mm_processor_kwargs": {"max_visual_tokens": 64}}, 64, "max_visual_tokens"),
+    ({"mm_processor_kwargs": {}}, None, "max_visual_tokens"),
+])
+def test_protocol_reads_the_budget(extra, budget, param):
+    req = parse_chat_request(_body(**extra), NAME)
+    assert (req.max_visual_tokens, req.budget_param) == (budget, param)
+    plan = parse_plan_request({"image": "x.png", **extra}, ("llava-uhd",))
+    assert (plan.max_visual_tokens, plan.budget_param) == (budget, param)
+
+
+@pytest.mark.parametrize("extra, param, code", [
+    ({"max_visual_tokens": 0}, "max_visual_tokens", "invalid_value"),
+    ({"max_visual_tokens": -5}, "max_visual_tokens", "invalid_value"),
+    ({"max_visual_tokens": "100"}, "max_visual_tokens", "invalid_type"),
+    ({"max_visual_tokens": True}, "max_visual_tokens", "invalid_type"),
+    ({"max_visual_tokens": 1.5}, "max_visual_tokens", "invalid_type"),
+    ({"mm_processor_kwargs": {"max_visual_tokens": 0}}, "mm_processor_kwargs.max_visual_tokens", "invalid_value"),
+    ({"mm_processor_kwargs": [1]}, "mm_processor_kwargs", "invalid_type"),
+    ({"mm_processor_kwargs": {"num_crops": 4}}, "mm_processor_kwargs.num_crops", "unsupported_parameter"),
+    ({"max_visual_tokens": 64, "mm_processor_kwargs": {"max_visual_tokens": 65}}, "max_visual_tokens", "invalid_value"),
+])
+def test_protocol_refuses_bad_budgets(extra, param, code):
+    for parse in (lambda: parse_chat_request(_body(**extra), NAME),
+                  lambda: parse_plan_request({"image": "x.png", **extra}, ("llava-uhd",))):
+        with pytest.raises(APIError) as e:
+            parse()
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+        assert "\n" not in str(e.value.to_json()["error"]["message"])
+
+
+def test_served_chat_budget_sets_the_prompt_tokens(served):
+    img = picture(*SIZES[0], seed=2)
+    url = data_url(img)
+    msgs = user("What is it?", url)
+    status, plain = chat(served.url, {"model": NAME, "messages": msgs, "max_tokens": 2, "temperature": 0})
+    assert status == 200, plain
+    full = plan_image("llava-uhd", img.size).num_visual_tokens
+    low = plan_image("llava-uhd", img.size, max_visual_tokens=BUDGET).num_visual_tokens
+    text_tokens = plain["usage"]["prompt_tokens"] - full
+    assert text_tokens > 0 and low < full
+    for extra in ({"max_visual_tokens": BUDGET}, {"mm_processor_kwargs": {"max_visual_tokens": BUDGET}}):
+        status, out = chat(served.url, {"model": NAME, "messages": msgs, "max_tokens": 2, "temperature": 0, **extra})
+        assert status == 200, out
+        assert out["usage"]["prompt_tokens"] == text_tokens + low
+    # the official client's extra_body sends the same top-level field
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=2, temperature=0,
+                                       extra_body={"max_visual_tokens": BUDGET})
+    assert r.usage.prompt_tokens == text_tokens + low
+    # no plan fits: a 400 naming the budget, before anything is encoded
+    status, err = chat(served.url, {"model": NAME, "messages": msgs, "max_tokens": 2, "max_visual_tokens": 100})
+    assert_error(status, err, 400, "invalid_value", "max_visual_tokens=100", "144 visual tokens")
+    assert err["error"]["param"] == "max_visual_tokens"
+    status, err = chat(served.url, {"model": NAME, "messages": msgs, "mm_processor_kwargs": {"max_visual_tokens": 0}})
+    assert_error(status, err, 400, "invalid_value", "at least 1")
+    assert err["error"]["param"] == "mm_processor_kwargs.max_visual_tokens"
+
+
+def test_served_plan_budget(served):
+    img = picture(*SIZES[0], seed=4)
+    status, _, data = request(served.url, "POST", "/v1/plan", {"image": data_url(img), "overlay": False,
+                                                                 "max_visual_tokens": BUDGET})
+    assert status == 200, data
+    out = json.loads(data)
+    want = plan_image("llava-uhd", img.size, max_visual_tokens=BUDGET)
+    assert out["plan"] == want.to_json() and out["plan"]["num_visual_tokens"] == 724
+    assert out["cost"]["num_visual_tokens"] == 724
+    status, _, data = request(served.url, "POST", "/v1/plan", {"image": data_url(img), "method": "llava-hr",
+                                                                 "overlay": False, "max_visual_tokens": 1000})
+    assert status == 200 and json.loads(data)["plan"] == plan_image("llava-hr", img.size, max_visual_tokens=1000).to_json()
+    status, _, data = request(served.url, "POST", "/v1/plan", {"image": data_url(img), "max_visual_tokens": 100})
+    assert_error(status, json.loads(data), 400, "invalid_value", "max_visual_tokens=100")
+    status, _, data = request(served.url, "POST", "/v1/plan", {"image": data_url(img), "max_visual_tokens": "many"})
+    assert_error(status, json.loads(data), 400, "invalid_type", "max_visual_tokens")

@@ -199,8 +199,22 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     def dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 
-    def plan(self, size: tuple[int, int]) -> Plan:
-        return plan_image(self.config.method, size, **self.config.plan_options)
+    def plan(self, size: tuple[int, int], **plan_options: Any) -> Plan:
+        """The plan of an image of ``size`` = (width, height), with the token count this model's
+        forward splices for it: a composed method's (``config.method_spec``, e.g. LLaVA-NeXT's
+        views through UHD's spatial resampler) is its parts' count
+        (:meth:`hires_lmm.parts.MethodSpec.plan`), a preset's the planner's plan unchanged.
+
+        ``plan_options`` override the config's ``plan_options`` for this call (e.g. a request's
+        ``max_visual_tokens``); a budget no plan fits raises
+        :class:`~hires_lmm.plan.budget.BudgetError`.
+        """
+        options = {**(self.config.plan_options or {}), **plan_options}
+        if getattr(self.config, "method_spec", None):
+            from .parts import spec_from_config
+
+            return spec_from_config(self.config).plan(size, **options)
+        return plan_image(self.config.method, size, **options)
 
     def prepare_image(self, image: Image.Image | str | os.PathLike | bytes, *, fast: bool = False,
                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:

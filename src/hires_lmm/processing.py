@@ -153,12 +153,16 @@ class HiresImageProcessor(BaseImageProcessor):
         fast_decode: plan from the file header and decode a reduced copy (paths and bytes only;
             a few grey levels from the exact pixels). Default: the reference pixels.
         max_pixels: the decompression-bomb limit of the safe loader.
+        method_spec: a composed method's method-file form (the model config's ``method_spec``):
+            the views are still ``method``'s, but the token counts (:meth:`num_visual_tokens`,
+            vLLM's ``_get_num_multimodal_tokens``) are the composed parts' (e.g. a resampler's).
     """
 
     model_input_names = ["pixel_values", "view_sizes", "image_sizes"]
 
     def __init__(self, method: str = "llava-1.5", plan_options: dict[str, Any] | None = None,
-                 fast_decode: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, **kwargs: Any) -> None:
+                 fast_decode: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 method_spec: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if method not in METHODS:
             raise ProcessorInputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         super().__init__(**kwargs)
@@ -166,15 +170,29 @@ class HiresImageProcessor(BaseImageProcessor):
         self.plan_options = dict(plan_options or {})
         self.fast_decode = bool(fast_decode)
         self.max_pixels = max_pixels
+        self.method_spec = dict(method_spec) if method_spec else None
 
     def plan(self, size: tuple[int, int]) -> Plan:
         """The plan of an image of ``size`` = (width, height)."""
         return plan_image(self.method, size, **self.plan_options)
 
-    def num_visual_tokens(self, size: tuple[int, int]) -> int:
+    def count_plan(self, size: tuple[int, int], **plan_options: Any) -> Plan:
+        """The plan with the token count the model splices: :meth:`plan` for a preset; for a
+        composed method (``method_spec``) the parts' plan (:meth:`hires_lmm.parts.MethodSpec.plan`,
+        same views, its compressor's count). ``plan_options`` override :attr:`plan_options`."""
+        options = {**self.plan_options, **plan_options}
+        if self.method_spec:
+            from .parts import spec_from_dict
+
+            spec = spec_from_dict(self.method_spec)
+            return spec.plan(size, **options)
+        return plan_image(self.method, size, **options)
+
+    def num_visual_tokens(self, size: tuple[int, int], **plan_options: Any) -> int:
         """Visual tokens of an image of ``size`` = (width, height), in closed form before encoding
-        (SliME: the bound before its text-guided selector drops local tokens)."""
-        return int(self.plan(size).num_visual_tokens)
+        (SliME: the bound before its text-guided selector drops local tokens; a composed method:
+        its parts' count, see :meth:`count_plan`)."""
+        return int(self.count_plan(size, **plan_options).num_visual_tokens)
 
     def prepare(self, image: Any, *, fast: bool | None = None) -> ImageInput:
         """One image (PIL image, path, bytes or data URL) → :class:`ImageInput`."""
@@ -209,16 +227,21 @@ class HiresImageProcessor(BaseImageProcessor):
             d = _read_json(f)
         elif (p / "config.json").is_file():
             raw = _read_json(p / "config.json")
-            d = {"method": raw.get("method", "llava-1.5"), "plan_options": raw.get("plan_options") or {}}
+            d = {"method": raw.get("method", "llava-1.5"), "plan_options": raw.get("plan_options") or {},
+                 "method_spec": raw.get("method_spec")}
         else:
             raise ProcessorInputError(f"{p}: no {PREPROCESSOR_NAME} (nor a hires-lmm config.json)")
-        d = {k: v for k, v in d.items() if k in ("method", "plan_options", "fast_decode", "max_pixels")}
-        d.update({k: v for k, v in kwargs.items() if k in ("method", "plan_options", "fast_decode", "max_pixels")})
+        keys = ("method", "plan_options", "fast_decode", "max_pixels", "method_spec")
+        d = {k: v for k, v in d.items() if k in keys}
+        d.update({k: v for k, v in kwargs.items() if k in keys})
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_processor_type": type(self).__name__, "method": self.method, "plan_options": self.plan_options,
-                "fast_decode": self.fast_decode, "max_pixels": self.max_pixels}
+        out = {"image_processor_type": type(self).__name__, "method": self.method, "plan_options": self.plan_options,
+               "fast_decode": self.fast_decode, "max_pixels": self.max_pixels}
+        if self.method_spec:  # a composed method only: a preset's file is as it always was
+            out["method_spec"] = self.method_spec
+        return out
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> list[str]:  # noqa: ARG002
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -357,7 +380,8 @@ class HiresProcessor(ProcessorMixin):
     @classmethod
     def from_model(cls, model: Any) -> "HiresProcessor":
         """The processor of a :class:`~hires_lmm.model.HiresLMM` (its tokenizer, method, plan options)."""
-        ip = HiresImageProcessor(model.config.method, model.config.plan_options)
+        ip = HiresImageProcessor(model.config.method, model.config.plan_options,
+                                 method_spec=getattr(model.config, "method_spec", None))
         return cls(ip, model.tokenizer)
 
     # --- inputs ---
@@ -420,7 +444,7 @@ class HiresProcessor(ProcessorMixin):
 
         data: dict[str, list[int]] = {}
         if image_sizes is not None:
-            plans = [self.image_processor.plan((int(w), int(h))) for h, w in image_sizes]
+            plans = [self.image_processor.count_plan((int(w), int(h))) for h, w in image_sizes]
             data = {"num_image_tokens": [int(p.num_visual_tokens) for p in plans],
                     "num_image_patches": [len(p.views) for p in plans]}
         return MultiModalData(**data)
