@@ -5,10 +5,11 @@ Endpoints:
 * ``POST /v1/chat/completions``: OpenAI's request and response shapes, ``stream`` as server-sent
   ``chat.completion.chunk`` events ending with ``data: [DONE]``.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
-* ``POST /v1/plan``: ``{"image": data URL, "method"?, "overlay"?}`` → the plan JSON, its cost
+* ``POST /v1/plan``: ``{"image": data URL, "method"?, "overlay"?, "max_visual_tokens"?}`` → the plan JSON, its cost
   (``hires cost``'s JSON: visual tokens and TFLOPs per image with full-size encoders and a 7B LLM,
   for the page's comparison) and the overlay picture (a PNG data URL); ``?format=png`` answers
-  the PNG itself.
+  the PNG itself. ``max_visual_tokens`` (also as ``mm_processor_kwargs.max_visual_tokens``) plans
+  within that budget, as it does for a chat request.
 * ``GET /health``: ``{"status": "ok", ...}`` with the engine's counters (running, waiting,
   ``max_batch_size_seen``, ...).
 * ``GET /``: the web page (:mod:`.page`: the plan, every method's plan and cost side by side, a chat).
@@ -161,8 +162,7 @@ class Server:
     def _plan_with_cost(self, req: Any) -> dict[str, Any]:
         """The plan answer plus the plan's cost (the page compares methods by it)."""
         out = self.service.prepare_plan(req)
-        cfg = self.service.model.config
-        options = cfg.plan_options if out["method"] == cfg.method else {}  # as prepare_plan planned it
+        options = self.service.plan_options(out["method"], req.max_visual_tokens)  # as prepare_plan planned it
         out["cost"] = plan_cost(plan_image(out["method"], tuple(out["plan"]["image_size"]), **options)).to_json()
         return out
 

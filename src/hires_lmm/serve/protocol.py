@@ -4,6 +4,11 @@ Every problem becomes an :class:`~hires_lmm.serve.errors.APIError` naming the fi
 (``param``), so a client sees ``400 {"error": {"message": "...", "param": "messages[1].content"}}``.
 Unknown top-level fields are ignored (clients send many); fields whose value this server cannot
 honour (``n`` > 1, ``logprobs``, ``tools``, a ``response_format`` other than text) are refused rather than silently ignored.
+
+A request may set its own visual-token budget (the planners' ``max_visual_tokens``, see
+docs/methods.md "Visual-token budget"): at the top level of the body (what the OpenAI client's
+``extra_body={"max_visual_tokens": B}`` sends) or as ``mm_processor_kwargs.max_visual_tokens``
+(vLLM's spelling); a positive integer.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     images: list[tuple[str, str]] = field(default_factory=list)  # (url, param) in placeholder order
+    max_visual_tokens: int | None = None  # the request's budget; None: the model config's
+    budget_param: str = "max_visual_tokens"  # where the budget was given (named in its errors)
 
 
 @dataclass
@@ -54,6 +61,8 @@ class PlanRequest:
     method: str | None = None
     overlay: bool = True
     overlay_width: int = 800
+    max_visual_tokens: int | None = None  # the request's budget; None: the model config's
+    budget_param: str = "max_visual_tokens"
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -128,6 +137,44 @@ def _boolean(data: dict[str, Any], key: str, default: bool = False) -> bool:
         return default
     if not isinstance(v, bool):
         raise _type_error(key, "a boolean", v)
+    return v
+
+
+def parse_budget(data: dict[str, Any]) -> tuple[int | None, str]:
+    """The request's visual-token budget and the field it came from: ``max_visual_tokens`` at the
+    top level, or ``mm_processor_kwargs.max_visual_tokens`` (vLLM's spelling; other keys there are
+    refused, as this server has no other processor options). Both given: they must agree."""
+    found: list[tuple[int, str]] = []
+    top = data.get("max_visual_tokens")
+    if top is not None:
+        found.append((_budget_value(top, "max_visual_tokens"), "max_visual_tokens"))
+    mm = data.get("mm_processor_kwargs")
+    if mm is not None:
+        if not isinstance(mm, dict):
+            raise _type_error("mm_processor_kwargs", "an object", mm)
+        unknown = sorted(set(mm) - {"max_visual_tokens"})
+        if unknown:
+            raise bad_request(f"'mm_processor_kwargs.{unknown[0]}' is not supported by this server; its only "
+                              "processor option is max_visual_tokens", param=f"mm_processor_kwargs.{unknown[0]}",
+                              code="unsupported_parameter")
+        if mm.get("max_visual_tokens") is not None:
+            key = "mm_processor_kwargs.max_visual_tokens"
+            found.append((_budget_value(mm["max_visual_tokens"], key), key))
+    if not found:
+        return None, "max_visual_tokens"
+    if len(found) == 2 and found[0][0] != found[1][0]:
+        raise bad_request(f"'max_visual_tokens' ({found[0][0]}) and 'mm_processor_kwargs.max_visual_tokens' "
+                          f"({found[1][0]}) disagree; send one", param="max_visual_tokens", code="invalid_value")
+    return found[0]
+
+
+def _budget_value(v: Any, param: str) -> int:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _type_error(param, "a positive integer (a visual-token budget)", v)
+    if v < 1:
+        raise bad_request(f"'{param}' must be at least 1, got {v}", param=param, code="invalid_value")
     return v
 
 
@@ -297,14 +344,18 @@ def parse_chat_request(data: dict[str, Any], served_model_name: str) -> ChatRequ
             raise bad_request(f"'{k}' is not supported by this server", param=k, code="unsupported_parameter")
     _check_response_format(data.get("response_format"))
 
+    budget, budget_param = parse_budget(data)
+
     images = [(part[1], part[2]) for m in messages for part in m.parts if part[0] == "image"]
     return ChatRequest(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       stop=stop, seed=seed, stream=stream, include_usage=include_usage, images=images)
+                       stop=stop, seed=seed, stream=stream, include_usage=include_usage, images=images,
+                       max_visual_tokens=budget, budget_param=budget_param)
 
 
 def parse_plan_request(data: dict[str, Any], methods: tuple[str, ...]) -> PlanRequest:
     """Validate a ``POST /v1/plan`` body: ``{"image": url, "method"?: name, "overlay"?: bool,
-    "overlay_width"?: int}``."""
+    "overlay_width"?: int, "max_visual_tokens"?: int}`` (the budget also as
+    ``mm_processor_kwargs.max_visual_tokens``, as in a chat request)."""
     image = data.get("image")
     if image is None:
         raise _missing("image")
@@ -320,5 +371,6 @@ def parse_plan_request(data: dict[str, Any], methods: tuple[str, ...]) -> PlanRe
     width = _integer(data, "overlay_width")
     if width is not None and not 200 <= width <= 2400:
         raise bad_request("'overlay_width' must be in [200, 2400]", param="overlay_width", code="invalid_value")
+    budget, budget_param = parse_budget(data)
     return PlanRequest(image=image, method=method, overlay=_boolean(data, "overlay", True),
-                       overlay_width=width or 800)
+                       overlay_width=width or 800, max_visual_tokens=budget, budget_param=budget_param)

@@ -20,6 +20,12 @@ tokenised is tokenised on a copy of the tokenizer owned by the preparing thread 
 copies), never on the engine's: a long prompt does not hold up the decoding of running streams,
 and two threads never share a fast tokenizer (its Rust object is not safe to use from two threads
 while one changes its truncation or padding settings, which every ``tokenizer(...)`` call does).
+
+Visual tokens. Every image is counted from its plan before anything is decoded or encoded
+(:meth:`HiresLMM.plan`: a composed method's count is its parts'), within the request's
+``max_visual_tokens`` when it sets one (over the model's ``plan_options``); the images are then
+planned and rendered with the same options, so ``usage.prompt_tokens`` is that count plus the
+text's. An image no plan fits within the budget is a 400 naming the budget.
 """
 
 from __future__ import annotations
@@ -43,12 +49,15 @@ import torch
 
 from ..data.templates import ChatTemplate, TemplateError, encode_segments, get_template
 from ..model import HiresLMM
-from ..plan import METHODS, plan_image
+from ..image import ImageLoadError
+from ..plan import METHODS, Plan, plan_image
+from ..plan.budget import BudgetError
+from ..processing import ImageInput, prepare_image
 from ..text import IMAGE_TOKEN
 from .config import ServeConfig
 from .engine import GenRequest, SamplingParams
 from .errors import APIError, bad_request
-from .media import checked_size, load_checked, prepare_checked, resolve_image_url
+from .media import ImageBytesOrPath, _load_error, checked_size, load_checked, resolve_image_url
 from .protocol import ChatRequest, PlanRequest
 
 log = logging.getLogger("hires_lmm.serve")
@@ -236,23 +245,58 @@ class Service:
         if text_tokens >= self.max_model_len:
             raise self._too_long(text_tokens, 0, req.max_tokens)
         sources = [(resolve_image_url(url, param, cfg.allowed_local_media_path), param) for url, param in req.images]
-        plans = [self.model.plan(checked_size(src, param, cfg.max_image_pixels)) for src, param in sources]
+        # the request's budget, if any, over the model's plan options: counted here, before encoding
+        options = self.plan_options(self.model.config.method, req.max_visual_tokens)
+        plans = [self._count_plan(checked_size(src, param, cfg.max_image_pixels), param, options, req)
+                 for src, param in sources]
         visual = sum(p.num_visual_tokens for p in plans)
         prompt = text_tokens + visual
         if prompt >= self.max_model_len or (req.max_tokens is not None and prompt + req.max_tokens > self.max_model_len):
             raise self._too_long(text_tokens, visual, req.max_tokens)
-        images = []
-        for (src, param), plan in zip(sources, plans):
-            if cfg.fast_decode:
-                images.append(prepare_checked(self.model, src, param, cfg.max_image_pixels))
-            else:
-                images.append(self.model.prepare_image(load_checked(src, param, cfg.max_image_pixels)))
+        images = [self._prepare(src, param, options, req) for src, param in sources]
         left = self.max_model_len - prompt
         max_tokens = req.max_tokens if req.max_tokens is not None else min(left, cfg.default_max_tokens or left)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 stop=req.stop, seed=req.seed)
         return GenRequest(input_ids=ids, images=images, params=params, prompt_tokens_est=prompt,
                           id=f"chatcmpl-{uuid.uuid4().hex}")
+
+    def plan_options(self, method: str, budget: int | None) -> dict[str, Any]:
+        """The planner options for ``method``: the model's ``plan_options`` when it is the model's
+        method (else the planner's defaults), with a request's ``budget`` as ``max_visual_tokens``."""
+        options = dict(self.model.config.plan_options or {}) if method == self.model.config.method else {}
+        if budget is not None:
+            options["max_visual_tokens"] = budget
+        return options
+
+    def _budget_error(self, e: BudgetError, image_param: str, req: ChatRequest | PlanRequest) -> APIError:
+        """400 for an image no plan fits within the budget (the request's, else the model's)."""
+        if req.max_visual_tokens is not None:
+            return bad_request(f"'{image_param}': {e}; raise '{req.budget_param}' or send a smaller image",
+                               param=req.budget_param, code="invalid_value")
+        return bad_request(f"'{image_param}': {e} (the model's configured budget); send a larger "
+                           "'max_visual_tokens' or a smaller image", param=image_param, code="invalid_value")
+
+    def _count_plan(self, size: tuple[int, int], param: str, options: dict[str, Any], req: ChatRequest) -> Plan:
+        """The plan with the token count the model will splice (a composed method's included)."""
+        try:
+            return self.model.plan(size, **options)
+        except BudgetError as e:
+            raise self._budget_error(e, param, req) from None
+
+    def _prepare(self, src: ImageBytesOrPath, param: str, options: dict[str, Any], req: ChatRequest) -> ImageInput:
+        """The image loaded (limits applied), planned with ``options`` and rendered; with
+        ``--fast-decode`` planned from the header and decoded reduced."""
+        cfg, method = self.config, self.model.config.method
+        try:
+            if cfg.fast_decode:
+                try:
+                    return prepare_image(src, method, options, fast=True, max_pixels=cfg.max_image_pixels)
+                except ImageLoadError as e:
+                    raise _load_error(e, param) from None
+            return prepare_image(load_checked(src, param, cfg.max_image_pixels), method, options)
+        except BudgetError as e:
+            raise self._budget_error(e, param, req) from None
 
     def _too_long(self, text: int, visual: int, max_tokens: int | None) -> APIError:
         ask = f" + {max_tokens} completion tokens (max_tokens)" if max_tokens is not None else ""
@@ -263,14 +307,17 @@ class Service:
             param="messages", code="context_length_exceeded")
 
     def prepare_plan(self, req: PlanRequest) -> dict[str, Any]:
-        """The plan JSON of the image (the model's method unless another is asked), and the overlay
-        picture of :func:`hires_lmm.image.overlay.draw_plan` as a PNG data URL."""
+        """The plan JSON of the image (the model's method unless another is asked; within the
+        request's ``max_visual_tokens`` when it sets one), and the overlay picture of :func:`hires_lmm.image.overlay.draw_plan` as a PNG data URL."""
         cfg = self.config
         src = resolve_image_url(req.image, "image", cfg.allowed_local_media_path)
         size = checked_size(src, "image", cfg.max_image_pixels)
         method = req.method or self.model.config.method
-        options = self.model.config.plan_options if method == self.model.config.method else {}
-        plan = plan_image(method, size, **options)
+        options = self.plan_options(method, req.max_visual_tokens)
+        try:
+            plan = plan_image(method, size, **options)
+        except BudgetError as e:
+            raise self._budget_error(e, "image", req) from None
         out: dict[str, Any] = {"object": "plan", "method": method, "model_method": self.model.config.method,
                                "plan": plan.to_json()}
         if req.overlay:
