@@ -3,10 +3,13 @@ show the difference: the tiny llava-1.5 vision side with a deep Llama LLM (defau
 768 wide, ~170M parameters), stage 2 (projector + LLM train, the ViT is frozen), fp32, 2 steps,
 2 processes over gloo, launched with the shipped accelerate configs.
 
+The figures are the trainer's own: ``OUT/stage.json``'s ``distributed.peak_rss_mib_per_rank``,
+each rank's peak RSS (``ru_maxrss``) when training ends, before the final model is gathered (which
+then costs the main process one full unsharded copy).
+
     .venv/bin/python bench/train_memory.py [--layers 24] [--hidden 768] [--procs 2] [--out DIR]
 
-Prints a markdown table (docs/training.md has the figures). Each rank records its own peak RSS
-(``ru_maxrss``) when training ends; the LLM directory and the data are built locally.
+Prints a markdown table (docs/training.md has the figures); the LLM directory and the data are built locally.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,20 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ddp": "ddp_cpu.yaml", "fsdp": "fsdp.yaml", "deepspeed-zero3": "deepspeed_zero3.yaml",
            "deepspeed-zero2": "deepspeed_zero2.yaml"}
-
-
-def worker(argv: list[str]) -> int:
-    """Run ``hires train`` in this (launched) process and record its peak RSS."""
-    from hires_lmm.cli import main
-
-    out = Path(argv[argv.index("--output-dir") + 1])
-    try:
-        return main(argv)
-    finally:
-        rank = os.environ.get("RANK", "0")
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"rss-{rank}.json").write_text(json.dumps({"rank": int(rank), "peak_rss_mib": peak_kib / 1024}))
 
 
 def build_inputs(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
@@ -66,22 +54,20 @@ def build_inputs(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     return llm_dir, root / "train.json"
 
 
-def run(engine: str, root: Path, llm_dir: Path, data: Path, procs: int, port: int) -> dict:
+def run(engine: str, root: Path, llm_dir: Path, data: Path, procs: int, port: int, steps: int) -> dict:
     out = root / f"out-{engine}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / CONFIGS[engine]), "--num_processes", str(procs),
-           "--mixed_precision", "no", "--main_process_port", str(port), str(Path(__file__).resolve()), "--worker",
-           "train", "-m", "llava-1.5", "--tiny", "--llm", str(llm_dir), "--stage", "2", "--data-path", str(data),
+           "--mixed_precision", "no", "--main_process_port", str(port), "-m", "hires_lmm.cli", "train", "-m", "llava-1.5", "--tiny", "--llm", str(llm_dir), "--stage", "2", "--data-path", str(data),
            "--image-folder", str(root / "images"), "--output-dir", str(out), "--batch-size", "1", "--max-steps",
-           "2", "--save-steps", "1000", "--no-progress", "--no-group-by-length"]
+           str(steps), "--save-steps", "1000", "--no-progress", "--no-group-by-length"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{engine} failed: {r.stderr[-3000:]}")
     dist = json.loads((out / "stage.json").read_text())["distributed"]
-    rss = sorted((json.loads(p.read_text()) for p in out.glob("rss-*.json")), key=lambda d: d["rank"])
-    return {"engine": engine, "seconds": time.time() - t0, **dist, "peak_rss_mib": [d["peak_rss_mib"] for d in rss]}
+    return {"seconds": time.time() - t0, **dist}
 
 
 def main() -> None:
@@ -89,6 +75,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--engines", default="ddp,fsdp,deepspeed-zero3")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
@@ -96,17 +83,15 @@ def main() -> None:
         root = Path(args.out or tmp)
         root.mkdir(parents=True, exist_ok=True)
         llm_dir, data = build_inputs(root, args.layers, args.hidden)
-        rows = [run(e, root, llm_dir, data, args.procs, 29580 + i) for i, e in enumerate(args.engines.split(","))]
+        rows = [run(e, root, llm_dir, data, args.procs, 29580 + i, args.steps) for i, e in enumerate(args.engines.split(","))]
     print(f"| engine | trainable params | per rank | peak RSS per rank (MiB) | wall (s) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        rss = " / ".join(f"{m:.0f}" for m in r["peak_rss_mib"])
+        rss = " / ".join(f"{m:.0f}" for m in r["peak_rss_mib_per_rank"])
         print(f"| {r['engine']} | {r['trainable_params'] / 1e6:.1f}M | {r['trainable_params_per_rank'] / 1e6:.1f}M "
               f"| {rss} | {r['seconds']:.0f} |")
     print(json.dumps(rows))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        sys.exit(worker(sys.argv[2:]))
     main()

@@ -367,11 +367,24 @@ class Engine:
         return total
 
     def describe(self) -> dict[str, Any]:
-        """``stage.json``'s ``distributed`` record (collective: every process calls it)."""
-        local = torch.tensor([self.trainable_params_local()], dtype=torch.float64, device=self.accelerator.device)
-        most = int(self.accelerator.gather(local).max().item())
-        return {"engine": self.name, "world_size": self.world_size, "trainable_params": self.trainable_params,
-                "trainable_params_per_rank": most, "mixed_precision": self.mixed_precision}
+        """``stage.json``'s ``distributed`` record (collective: every process calls it, after
+        training and before the final model is gathered): the engine, the processes, the
+        trainable parameters and the most of them one process holds, and each process's peak
+        memory so far (CPU RSS; on GPUs also the peak of torch's allocator)."""
+        import resource
+
+        device = self.accelerator.device
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        local = torch.tensor([self.trainable_params_local(), rss_mib,
+                              torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0],
+                             dtype=torch.float64, device=device)
+        every = self.accelerator.gather(local[None]).reshape(-1, 3).cpu()
+        out = {"engine": self.name, "world_size": self.world_size, "trainable_params": self.trainable_params,
+               "trainable_params_per_rank": int(every[:, 0].max().item()), "mixed_precision": self.mixed_precision,
+               "peak_rss_mib_per_rank": [round(float(v)) for v in every[:, 1]]}
+        if device.type == "cuda":
+            out["peak_gpu_mib_per_rank"] = [round(float(v)) for v in every[:, 2]]
+        return out
 
     # --- state -----------------------------------------------------------------------------------
     def _params_by_name(self) -> dict[str, nn.Parameter]:
