@@ -13,10 +13,12 @@ LATEST_VENV ?= .venv-latest
 OLDEST_VENV ?= .venv-oldest
 SMOKE := @tests/smoke.txt
 PIPFLAGS ?= -q
+# what `make lint` type-checks (the modules checked clean so far; see docs/architecture.md)
+MYPY_TARGETS ?= src/hires_lmm
 
 LMMS_VENV ?= .venv-lmms
 
-.PHONY: install lock demo demo-quick test test-latest test-oldest test-lmms-eval bench clean
+.PHONY: install lock demo demo-quick test test-fast lint test-latest test-oldest test-lmms-eval bench clean
 
 $(BIN)/hires: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -50,6 +52,15 @@ demo-quick: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# the suite without the tests marked slow (tests/conftest.py): a few minutes
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+# ruff and mypy, configured in pyproject.toml
+lint: install
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/mypy $(MYPY_TARGETS)
 
 # the drift smoke subset (tests/smoke.txt) with the newest releases the requirements allow, no lock
 test-latest:

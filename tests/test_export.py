@@ -14,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import noise_image
 from PIL import Image
 
 from hires_lmm.cli import main
@@ -50,12 +50,6 @@ def run_cli(*argv: str) -> int:
         return 2
 
 
-def noise_image(size, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 / max(w - 1, 1)), (yy * 255 / max(h - 1, 1)), ((xx + yy) % 97) * 2.6], -1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8), "RGB")
 
 
 def _export(root: Path, method: str, to: str, *, seed: int, pinpoints=None):

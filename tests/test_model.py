@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import rand_image
 from PIL import Image
 
 from hires_lmm.methods import build_model
@@ -16,9 +16,6 @@ from hires_lmm.plan import METHODS
 SIZES = [(1, 1), (500, 375), (1024, 768), (300, 1200), (2000, 180)]
 
 
-def rand_image(size, seed=0) -> Image.Image:
-    w, h = size
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import noise_image
 from PIL import Image
 
 from hires_lmm.image.render import CLIP_MEAN, CLIP_STD, denormalize, expand2square, normalize, render
 from hires_lmm.plan import plan_image
 from hires_lmm.plan.uhd import slice_size
-
-
-def noise_image(size, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    # smooth-ish content plus noise so resampling differences would show
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 / max(w - 1, 1)), (yy * 255 / max(h - 1, 1)), ((xx + yy) % 97) * 2.6], -1)
-    a = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(a, "RGB")
 
 
 @pytest.mark.parametrize("size", [(500, 375), (1024, 768), (300, 900), (1500, 400), (336, 336)])

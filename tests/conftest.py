@@ -1,0 +1,42 @@
+"""Helpers shared by the test files, and the ``slow`` marker.
+
+``make test-fast`` (``pytest -m "not slow"``) leaves out the tests marked slow here: the ones that
+train, launch processes or servers, or run lmms-eval, each taking more than about 10 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+#: test modules whose every test is slow (training runs, multi-process launches, subprocess tools)
+SLOW_MODULES = {"test_train", "test_train_hardening", "test_train_distributed", "test_train_synth",
+                "test_lmms_eval", "test_demo", "test_golden", "test_compare"}
+#: single slow tests in otherwise fast modules (module name, test-name prefix)
+SLOW_TESTS = {("test_serve", "test_hires_serve_command"), ("test_serve", "test_web_page_in_chromium"),
+              ("test_serve", "test_concurrent_requests_are_batched"), ("test_parts", "test_hires_train_predict"),
+              ("test_parts", "test_composed_method_trains"), ("test_export", "test_round_trip"),
+              ("test_serve_hardening", "test_large_requests_give_their_memory_back")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in SLOW_MODULES or any(module == m and item.name.startswith(t) for m, t in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
+def noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A (w, h) RGB image of smooth gradients plus noise, so resampling differences show."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 / max(w - 1, 1)), (yy * 255 / max(h - 1, 1)), ((xx + yy) % 97) * 2.6], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8), "RGB")
+
+
+def rand_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A (w, h) RGB image of uniform random pixels."""
+    w, h = size
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
