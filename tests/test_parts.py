@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ from PIL import Image
 from hires_lmm.cli import main
 from hires_lmm.errors import HiresError
 from hires_lmm.methods import PRESETS, build_model
-from hires_lmm.parts import (METHOD_SPECS, PARTS, STAGES, PartError, resolve_method, spec_from_config,
-                             spec_from_dict)
+from hires_lmm.parts import METHOD_SPECS, PARTS, STAGES, PartError, resolve_method, spec_from_config, spec_from_dict
 from hires_lmm.plan import METHODS, plan_image
 from hires_lmm.plan.cost import plan_cost
 
@@ -333,3 +333,65 @@ def test_the_worked_example_of_adding_a_method_runs():
     assert out.batch.num_visual_tokens == [plan.num_visual_tokens]
     spec = resolve_method({"base": "llava-next", "compressor": "pooled-mlp", "compressor_options": {"stride": 3}})
     assert spec.plan((1000, 700)).tokens[0].count == 64
+
+
+# --- a visual-token budget on a composed method ---------------------------------------------------
+
+#: sizes where LLaVA-NeXT's best-resolution rule picks the fitting pinpoint with the most tokens
+#: (a small image fits whole in every pinpoint, and the rule then takes the least padding instead)
+LARGE_SIZES = [(1000, 700), (700, 1000), (1600, 1200), (2000, 300), (300, 2000), (1280, 720), (3000, 3000)]
+
+
+def test_a_budget_applies_to_the_composed_count_not_the_planners():
+    from hires_lmm.plan.anyres import NEXT_PINPOINTS
+    from hires_lmm.plan.budget import BudgetError
+
+    spec = resolve_method(NEXT_UHD)
+    assert spec.plan((336, 336)).num_visual_tokens == 300  # the planner alone plans 1176
+    plan = spec.plan((336, 336), max_visual_tokens=400)
+    assert plan.num_visual_tokens == 300 and plan.extra["max_visual_tokens"] == 400
+    for size in LARGE_SIZES + [(336, 336), (100, 80), (500, 501), (640, 480)]:
+        counts = {p: spec.plan(size, pinpoints=[p]).num_visual_tokens for p in NEXT_PINPOINTS}
+        for budget in sorted({*counts.values(), min(counts.values()) - 1, max(counts.values()) + 7, 400, 700}):
+            fitting = [p for p in NEXT_PINPOINTS if counts[p] <= budget]
+            if not fitting:
+                with pytest.raises(BudgetError, match=rf"^{re.escape(spec.name)} cannot plan .*max_visual_tokens={budget}: "
+                                                      rf"its smallest plan has {min(counts.values())} visual"):
+                    spec.plan(size, max_visual_tokens=budget)
+                continue
+            got = spec.plan(size, max_visual_tokens=budget)
+            assert got.num_visual_tokens <= budget and got.method == spec.name
+            assert got.extra["budget_choice"] == {"pinpoints": [list(p) for p in fitting]}
+            expected = spec.plan(size, pinpoints=fitting)  # the faithful choice among those that fit
+            assert (got.grid, got.num_visual_tokens, got.tokens) == (expected.grid, expected.num_visual_tokens,
+                                                                      expected.tokens)
+            if size in LARGE_SIZES:
+                assert got.num_visual_tokens == max(counts[p] for p in fitting)
+
+    # slices through a selector: the budget moves the slice limit, the largest bound that fits wins
+    uhd = resolve_method(UHD_SELECT)
+    for size in SIZES:
+        configs = [({"max_slices": k}, uhd.plan(size, max_slices=k)) for k in range(7, 0, -1)]
+        for budget in (200, 500, 800, 1200, 2000):
+            fits = [(c, p) for c, p in configs if p.num_visual_tokens <= budget]
+            if not fits:
+                with pytest.raises(BudgetError, match=f"max_visual_tokens={budget}"):
+                    uhd.plan(size, max_visual_tokens=budget)
+                continue
+            got = uhd.plan(size, max_visual_tokens=budget)
+            most = max(p.num_visual_tokens for _, p in fits)
+            assert got.num_visual_tokens == most <= budget and got.extra["bound"] is True
+            assert got.extra["budget_choice"] == next(c for c, p in fits if p.num_visual_tokens == most)
+
+    # the model: its plan under a budget is what its forward splices
+    from hires_lmm.image.render import render
+    from hires_lmm.processing import ImageInput
+
+    model = build_model(NEXT_UHD, tiny=True, seed=0).eval()
+    img = _images()[0]
+    unbudgeted = model.plan(img.size).num_visual_tokens
+    plan = model.plan(img.size, max_visual_tokens=unbudgeted - 1)
+    assert plan.num_visual_tokens < unbudgeted
+    with torch.no_grad():
+        out = model([_ids(model, "What is it?")], [[ImageInput(plan, render(img, plan))]])
+    assert out.batch.num_visual_tokens == [plan.num_visual_tokens]

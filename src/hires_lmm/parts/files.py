@@ -37,7 +37,7 @@ def is_method_file(method: object) -> bool:
     return method.lower().endswith(_SUFFIXES) or os.sep in method or Path(method).is_file()
 
 
-def resolve_method(method: "str | os.PathLike[str] | Mapping[str, Any] | MethodSpec") -> MethodSpec:
+def resolve_method(method: str | os.PathLike[str] | Mapping[str, Any] | MethodSpec) -> MethodSpec:
     """A registered method's spec, a method file's, a method-file dict's, or ``method`` itself."""
     _ensure_registered()
     if isinstance(method, MethodSpec):
@@ -47,12 +47,12 @@ def resolve_method(method: "str | os.PathLike[str] | Mapping[str, Any] | MethodS
     if isinstance(method, str) and method in METHOD_SPECS:
         return METHOD_SPECS[method]
     if is_method_file(method):
-        return load_method_file(method)  # type: ignore[arg-type]
+        return load_method_file(method)
     raise PartError(f"unknown method {method!r}; choose from {', '.join(METHOD_SPECS)} "
                     "or give a method file (.json, .yaml)")
 
 
-def load_method_file(path: "str | os.PathLike[str]") -> MethodSpec:
+def load_method_file(path: str | os.PathLike[str]) -> MethodSpec:
     """The spec a JSON/YAML method file describes (errors name the file)."""
     p = Path(path)
     try:

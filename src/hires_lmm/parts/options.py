@@ -44,7 +44,7 @@ class Options:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, owner: str) -> "Options":
+    def from_dict(cls, values: Mapping[str, Any], *, owner: str) -> Options:
         """Validated options; ``owner`` ("compressor 'uhd-spatial'") names the part in errors."""
         if not isinstance(values, Mapping):
             raise PartError(f"{owner}: options must be a mapping, not {type(values).__name__}")
@@ -78,7 +78,12 @@ def field_defaults(cls: type[Options]) -> dict[str, Any]:
     """``{option: default}`` of an options class (for ``hires methods``)."""
     out = {}
     for f in dataclasses.fields(cls):
-        out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name} has no default")
     return out
 
 

@@ -41,7 +41,7 @@ BUILD_ORDER: tuple[str, ...] = ("encoder", "compressor", "fusion", "layout", "se
 #: stage → part name → part class
 
 
-class _Registry(dict):  # type: ignore[type-arg]  # (a dict of any values; the annotations below say which)
+class _Registry(dict):  # (a dict of any values; the annotations below say which)
     """A dict whose first read imports the preset modules (:mod:`hires_lmm.parts.methods`), which
     fill it through ``@register_part`` / :func:`register_method`.
 
@@ -103,9 +103,9 @@ class _Registry(dict):  # type: ignore[type-arg]  # (a dict of any values; the a
         return super().__repr__()
 
 
-PARTS: dict[str, dict[str, type["Part"]]] = _Registry({s: {} for s in STAGES})
+PARTS: dict[str, dict[str, type[Part]]] = _Registry({s: {} for s in STAGES})
 #: method name → spec (the presets, and whatever a user registers)
-METHOD_SPECS: dict[str, "MethodSpec"] = _Registry()
+METHOD_SPECS: dict[str, MethodSpec] = _Registry()
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Units:
     """Encoded features of a batch, flat over images: ``feats[k]`` (h·w, d) with its ``grids[k]``
     (h, w) and ``roles[k]``; image i owns ``counts[i]`` consecutive units."""
 
-    feats: list["Tensor"]
+    feats: list[Tensor]
     grids: list[tuple[int, int]]
     roles: list[str]
     counts: list[int]
@@ -145,7 +145,7 @@ class BuildContext:
     vit: Any
     convnext: Any
     d_llm: int
-    views: "Part"
+    views: Part
 
 
 class Part:
@@ -199,7 +199,7 @@ class Part:
         return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
     # --- building ---------------------------------------------------------------------------
-    def build(self, host: "nn.Module", ctx: BuildContext) -> None:
+    def build(self, host: nn.Module, ctx: BuildContext) -> None:
         """Create this part's modules as attributes of ``host`` (the visual module), under the
         names saved checkpoints use. Parts without weights build nothing."""
 
@@ -245,7 +245,7 @@ def check_parts(parts: Mapping[str, type[Part]], method: str = "method") -> None
             given[trait] = (value, stage, cls.name)
 
 
-def register_method(spec: "MethodSpec") -> "MethodSpec":
+def register_method(spec: MethodSpec) -> MethodSpec:
     """Register a method spec (checked now: a broken spec fails at import, not at build)."""
     if spec.name in METHOD_SPECS:
         raise PartError(f"method {spec.name!r} is registered twice")

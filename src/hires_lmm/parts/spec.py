@@ -13,9 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..plan.budget import check_budget, record_budget, refuse
+from ..plan.hr import hr_budget_sides
+from ..plan.slime import MIN_TILE_CAP
 from ..plan.types import Plan
 from .options import PartError
 from .registry import METHOD_SPECS, PARTS, STAGES, Part, TokenShape, check_parts, get_part
+from .stages import ViewsPart
 
 __all__ = ["MODEL_KEYS", "MethodSpec"]
 
@@ -72,13 +76,13 @@ class MethodSpec:
         return {s: cls(cls.parse({**(cls.tiny() if tiny else {}), **self.options.get(s, {})}))
                 for s, cls in classes.items()}
 
-    def resolved(self, *, tiny: bool = False) -> "MethodSpec":
+    def resolved(self, *, tiny: bool = False) -> MethodSpec:
         """The same method with every option written out (what a saved config records)."""
         parts = self.build_parts(tiny=tiny)
         return dataclasses.replace(self, options={s: p.serialize() for s, p in parts.items()})
 
     # --- composing --------------------------------------------------------------------------
-    def with_options(self, overrides: Mapping[str, Any]) -> "MethodSpec":
+    def with_options(self, overrides: Mapping[str, Any]) -> MethodSpec:
         """Flat ``connector``-style overrides routed to the stages whose part has that option.
 
         A part's tag (``resampler="perceiver"``) selects that part in its stage, as old config.json
@@ -137,16 +141,67 @@ class MethodSpec:
         A preset's plan is the planner's own, unchanged (its count is the parts' count:
         ``tests/test_parts.py`` checks it over many sizes); a composed method's plan carries its
         name as ``method`` and ``extra["planner"]`` (the views part).
+
+        A budget (``max_visual_tokens``, here or in the views part's options) applies to the
+        count this method's parts make, not to the planner's own: the views part's largest
+        faithful configuration (:func:`_budget_configurations`: the knob its planner's own
+        budget moves) whose composed count fits is planned, recorded as the planner records it
+        (``extra["max_visual_tokens"]``, ``extra["budget_choice"]``); when none fits,
+        :class:`~hires_lmm.plan.budget.BudgetError` names this method and its smallest count.
+        A preset's budgeted plan is the planner's own, as without a budget.
         """
         parts = self.build_parts()
-        plan = parts["views"].plan(size, **plan_options)  # type: ignore[attr-defined]
-        n, groups = parts["layout"].count(plan, self.token_shapes(plan, parts))  # type: ignore[attr-defined]
+        views = parts["views"]
+        budget = {**views.options, **plan_options}.get("max_visual_tokens")
+        if budget is None or self.is_preset_parts():
+            plan = views.plan(size, **plan_options)  # type: ignore[attr-defined]
+            n, groups = parts["layout"].count(plan, self.token_shapes(plan, parts))  # type: ignore[attr-defined]
+            if budget is None or n == plan.num_visual_tokens:
+                return self._composed(plan, parts, n, groups)
+        return self._plan_within(size, parts, check_budget(budget), plan_options)
+
+    def _composed(self, plan: Plan, parts: Mapping[str, Part], n: int, groups: Any) -> Plan:
+        """``plan`` with this method's count ``n`` and its ``groups`` (a preset's plan unchanged)."""
         if self.is_preset_parts() and n == plan.num_visual_tokens:
             return plan
         extra = {**plan.extra, "planner": plan.method}
         if parts["selector"].bound:  # type: ignore[attr-defined]
             extra["bound"] = True
         return dataclasses.replace(plan, method=self.name, num_visual_tokens=n, tokens=groups, extra=extra)
+
+    def _plan_within(self, size: tuple[int, int], parts: Mapping[str, Part], budget: int,
+                     plan_options: Mapping[str, Any]) -> Plan:
+        """The plan of the views part's configuration with the most composed tokens within
+        ``budget`` (the larger configuration at equal counts), else the refusal."""
+        views = parts["views"]
+        assert isinstance(views, ViewsPart)
+        base = {**plan_options}
+        if "max_visual_tokens" in views.option_keys():
+            base["max_visual_tokens"] = None  # the planner plans each configuration unbudgeted
+        options: dict[str, Any] = {**views.options, **plan_options}
+
+        def composed(**kw: Any) -> Plan:
+            plan = views.plan(size, **{**base, **kw})
+            n, groups = parts["layout"].count(plan, self.token_shapes(plan, parts))  # type: ignore[attr-defined]
+            return self._composed(plan, parts, n, groups)
+
+        if views.name == "llava-next":  # the pinpoints whose composed count fits, then the usual choice
+            pins = [(int(w), int(h)) for w, h in options.get("pinpoints", views.option("pinpoints"))]
+            counts = [composed(pinpoints=[p]).num_visual_tokens for p in pins]
+            fitting = [p for p, n in zip(pins, counts) if n <= budget]
+            if not fitting:
+                n, p = min(zip(counts, pins))
+                raise refuse(self.name, size, budget, n, f"pinpoint {p[0]}x{p[1]}")
+            plan = composed(pinpoints=pins if len(fitting) == len(pins) else fitting)
+            return record_budget(plan, budget, {"pinpoints": [list(p) for p in fitting]})
+        configs = [(choice, composed(**choice)) for choice in _budget_configurations(views, options)]
+        fits = [(c, p) for c, p in configs if p.num_visual_tokens <= budget]
+        if not fits:
+            n, how = min((p.num_visual_tokens, ", ".join(f"{k}={v}" for k, v in c.items())) for c, p in configs)
+            raise refuse(self.name, size, budget, n, how or "its only configuration")
+        most = max(p.num_visual_tokens for _, p in fits)
+        choice, plan = next((c, p) for c, p in fits if p.num_visual_tokens == most)
+        return record_budget(plan, budget, choice)
 
     def is_preset_parts(self) -> bool:
         """Whether the parts are those of the preset named by the views part (options aside)."""
@@ -179,3 +234,22 @@ class MethodSpec:
         rep.connector_parts.update(parts["compressor"].flops(units, vit.width, rep.llm_hidden))  # type: ignore[attr-defined]
         rep.connector_flops = sum(rep.connector_parts.values())
         return rep
+
+
+def _budget_configurations(views: ViewsPart, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The configurations a budget chooses among for the views part (``options``: its resolved
+    planner options), largest first: the knob its planner's own budget moves (docs/methods.md,
+    "Visual-token budget"); one configuration (``{}``) for a planner with a fixed count. LLaVA-NeXT's
+    pinpoints are handled by :meth:`MethodSpec._plan_within` itself."""
+    name = views.name
+    if name in ("llava-uhd", "llava-uhd-arxiv"):
+        top = options.get("max_slices")
+        if top is None:
+            top = 6 if views.fixed.get("arxiv") else 7
+        return [{"max_slices": k} for k in [top, *range(top - 1, 0, -1)]]
+    if name == "slime":
+        top = options.get("max_tiles", views.option("max_tiles"))
+        return [{"max_tiles": t} for t in [top, *range(top - 1, MIN_TILE_CAP - 1, -1)]]
+    if name == "llava-hr":
+        return [{"S": s} for s in hr_budget_sides(options.get("S", views.option("S")))]
+    return [{}]

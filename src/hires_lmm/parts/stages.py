@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..plan.types import TokenGroup
 from .options import PartError
-from .registry import Part, TokenShape, UnitShape, Units
+from .registry import Part, TokenShape, Units, UnitShape
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -38,7 +38,7 @@ class ViewsPart(Part):
 
     stage = "views"
     #: the planner function and the options it takes (keyword-only parameters of its signature)
-    planner: ClassVar[Callable[..., "Plan"]]
+    planner: ClassVar[Callable[..., Plan]]
     signature: ClassVar[Callable[..., Any]]
     fixed: ClassVar[Mapping[str, Any]] = {}
 
@@ -80,7 +80,7 @@ class ViewsPart(Part):
         """The value the planner uses for ``key`` (given, else the planner's default)."""
         return self.options.get(key, self.defaults()[key])
 
-    def plan(self, size: tuple[int, int], **extra: Any) -> "Plan":
+    def plan(self, size: tuple[int, int], **extra: Any) -> Plan:
         """The planner's plan of an image of ``size`` (``extra``: more planner options)."""
         return type(self).planner(size, **{**self.options, **extra})
 
@@ -90,10 +90,10 @@ class EncoderPart(Part):
 
     stage = "encoder"
 
-    def units(self, plan: "Plan") -> list[UnitShape]:
+    def units(self, plan: Plan) -> list[UnitShape]:
         raise NotImplementedError
 
-    def encode(self, host: "nn.Module", plans: Sequence["Plan"], views: Sequence[Sequence["Tensor"]]) -> Units:
+    def encode(self, host: nn.Module, plans: Sequence[Plan], views: Sequence[Sequence[Tensor]]) -> Units:
         raise NotImplementedError
 
 
@@ -102,10 +102,10 @@ class FusionPart(Part):
 
     stage = "fusion"
 
-    def units(self, plan: "Plan", units: list[UnitShape]) -> list[UnitShape]:
+    def units(self, plan: Plan, units: list[UnitShape]) -> list[UnitShape]:
         return units
 
-    def fuse(self, host: "nn.Module", units: Units) -> Units:
+    def fuse(self, host: nn.Module, units: Units) -> Units:
         return units
 
 
@@ -124,7 +124,7 @@ class CompressorPart(Part):
         """FLOPs of this compressor on one image's units (vision width d, LLM width D)."""
         raise NotImplementedError
 
-    def compress(self, host: "nn.Module", units: Units) -> list["Tensor | None"]:
+    def compress(self, host: nn.Module, units: Units) -> list[Tensor | None]:
         raise NotImplementedError
 
 
@@ -137,7 +137,7 @@ class SelectorPart(Part):
     #: whether the planned count is then an upper bound (the kept number depends on the text)
     bound: ClassVar[bool] = False
 
-    def select(self, host: "nn.Module", tokens: "Tensor", text: "Tensor | None") -> "Tensor | None":
+    def select(self, host: nn.Module, tokens: Tensor, text: Tensor | None) -> Tensor | None:
         return None
 
 
@@ -148,11 +148,11 @@ class LayoutPart(Part):
     #: text tokens spliced between views (their ids must be single tokens of the tokenizer)
     separators: ClassVar[tuple[str, ...]] = ()
 
-    def count(self, plan: "Plan", tokens: list[TokenShape]) -> tuple[int, tuple[TokenGroup, ...]]:
+    def count(self, plan: Plan, tokens: list[TokenShape]) -> tuple[int, tuple[TokenGroup, ...]]:
         """Visual tokens of one image (before any selection) and their composition."""
         raise NotImplementedError
 
-    def assemble(self, host: "nn.Module", plans: Sequence["Plan"], tokens: Sequence[Sequence["Tensor | None"]], *,
-                 select: Select, text_embeds: Sequence["Tensor | None"] | None, embed: "nn.Embedding",
-                 separator_ids: Mapping[str, int]) -> list["Tensor"]:
+    def assemble(self, host: nn.Module, plans: Sequence[Plan], tokens: Sequence[Sequence[Tensor | None]], *,
+                 select: Select, text_embeds: Sequence[Tensor | None] | None, embed: nn.Embedding,
+                 separator_ids: Mapping[str, int]) -> list[Tensor]:
         raise NotImplementedError

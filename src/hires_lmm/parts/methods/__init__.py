@@ -3,4 +3,7 @@ and specs (the order fixes the order of ``hires methods`` and of :data:`METHOD_S
 
 from __future__ import annotations
 
-from . import llava, uhd, hr, inf, slime  # noqa: F401,I001  (order: the presets' order in hires_lmm.plan.METHODS)
+# the order is the presets' order in hires_lmm.plan.METHODS
+# isort: off
+from . import llava, uhd, hr, inf, slime  # noqa: F401
+# isort: on

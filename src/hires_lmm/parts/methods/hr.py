@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...plan.types import Plan
 from ..options import Options
-from ..registry import BuildContext, UnitShape, Units, register_method, register_part
+from ..registry import BuildContext, Units, UnitShape, register_method, register_part
 from ..stages import EncoderPart
 from .llava import preset
 
@@ -51,7 +51,8 @@ class DualPathEncoderPart(EncoderPart):
     def encode(self, host: nn.Module, plans: Sequence[Plan], views: Sequence[Sequence[Tensor]]) -> Units:
         hi = torch.stack([v[0] for v in views])
         lo = torch.stack([v[1] for v in views])
-        feats = host.vision_tower(hi, lo)  # (B, L², d), kept as one batch for the compressor
+        tower: Any = host.vision_tower  # set by build() (the __getattr__ stub says Tensor | Module)
+        feats = tower(hi, lo)  # (B, L², d), kept as one batch for the compressor
         g = int(round(feats.shape[1] ** 0.5))
         return Units(feats, [(g, g)] * len(views), ["image"] * len(views), [1] * len(views))
 

@@ -4,14 +4,14 @@ strided crops cross-attend, merged with the thumbnail into one map)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
 from ...plan.types import Plan
 from ..options import Options
-from ..registry import BuildContext, UnitShape, Units, register_method, register_part
+from ..registry import BuildContext, Units, UnitShape, register_method, register_part
 from ..stages import FusionPart
 from .llava import preset
 
@@ -40,16 +40,18 @@ class DEMFusion(FusionPart):
         from ...connect.dem import INFConnector
 
         o = self.options
-        host.n = n = int(ctx.views.option("n"))  # type: ignore[attr-defined]
+        h: Any = host  # a plain int attribute: nn.Module's __setattr__ stub takes only Tensor | Module
+        h.n = n = int(ctx.views.option("n"))  # type: ignore[attr-defined]  # ctx.views is a ViewsPart
         host.spatial_embed = INFConnector(ctx.vit.hidden_size, o.heads, n, ctx.vit.native_grid, o.bottleneck, o.variant)
 
     def units(self, plan: Plan, units: list[UnitShape]) -> list[UnitShape]:
         return [UnitShape("image", units[-1].grid)]  # pooled to the thumbnail's grid
 
     def fuse(self, host: nn.Module, units: Units) -> Units:
-        B, n2 = len(units.counts), host.n ** 2
+        h: Any = host  # its attributes, set by build() (the __getattr__ stub says Tensor | Module)
+        B, n2 = len(units.counts), h.n ** 2
         feats = torch.stack(units.feats).unflatten(0, (B, 2 * n2 + 1))  # (B, 2n²+1, G², d)
-        merged = host.spatial_embed(feats[:, :n2], feats[:, n2:2 * n2], feats[:, -1])  # (B, G², d)
+        merged = h.spatial_embed(feats[:, :n2], feats[:, n2:2 * n2], feats[:, -1])  # (B, G², d)
         return Units(merged, [units.grids[-1]] * B, ["image"] * B, [1] * B)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from ...plan.cost import mlp2x
 from ...plan.types import Plan, TokenGroup
 from ..batching import flat, run_grouped
 from ..options import Options, PartError
-from ..registry import BuildContext, TokenShape, UnitShape, Units, register_method, register_part
+from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..spec import MethodSpec
 from ..stages import CompressorPart, EncoderPart, FusionPart, LayoutPart, Select, SelectorPart
 from ..views import STRUCTURES
@@ -68,9 +68,10 @@ class VitEncoder(EncoderPart):
         return [UnitShape(v.role, (v.size[1] // p, v.size[0] // p)) for v in plan.views]
 
     def encode(self, host: nn.Module, plans: Sequence[Plan], views: Sequence[Sequence[Tensor]]) -> Units:
+        vit: Any = host.vit  # set by build(); nn.Module's __getattr__ stub says Tensor | Module
         views_flat = flat(views)
-        feats = host.vit.encode_views(views_flat)  # [(h·w, d)], packed or one call per size
-        p = host.vit.patch_size
+        feats = vit.encode_views(views_flat)  # [(h·w, d)], packed or one call per size
+        p: int = vit.patch_size
         grids = [(v.shape[-2] // p, v.shape[-1] // p) for v in views_flat]
         return Units(feats, grids, [v.role for plan in plans for v in plan.views], [len(v) for v in views])
 
@@ -111,9 +112,10 @@ class MLPCompressor(CompressorPart):
         return {"projector": sum(mlp2x(u.grid[0] * u.grid[1], d, D) for u in units)}
 
     def compress(self, host: nn.Module, units: Units) -> list[Tensor | None]:
+        proj: Any = host.mm_projector  # set by build() (the __getattr__ stub says Tensor | Module)
         if isinstance(units.feats, Tensor):  # one batch already (a dual path, a fusion): one call on it
-            return list(host.mm_projector(units.feats))
-        return run_grouped(lambda x, _g: host.mm_projector(x), units.feats, lambda i, _t: units.grids[i])
+            return list(proj(units.feats))
+        return list(run_grouped(lambda x, _g: proj(x), units.feats, lambda i, _t: units.grids[i]))
 
 
 # --- selector ----------------------------------------------------------------------------------
@@ -141,7 +143,9 @@ class FlatLayout(LayoutPart):
                  separator_ids: Mapping[str, int]) -> list[Tensor]:
         out = []
         for i, toks in enumerate(tokens):
-            x = toks[0] if len(toks) == 1 else torch.cat(list(toks))
+            # every unit has tokens here (only SliME's global/local modes leave some None, in its own layout)
+            present = cast("list[Tensor]", list(toks))
+            x = present[0] if len(present) == 1 else torch.cat(present)
             keep = select(x, text_embeds[i] if text_embeds is not None else None) if select else None
             out.append(x if keep is None else x[keep])
         return out
@@ -180,8 +184,11 @@ class AnyresLayout(LayoutPart):
 
         out = []
         for plan, toks in zip(plans, tokens):
-            tiles = torch.stack(list(toks[1:])) if len(toks) > 1 else None  # (cols·rows, g², D)
-            out.append(pack_anyres(toks[0], tiles, plan.grid, plan.image_size, host.image_newline))
+            present = cast("list[Tensor]", list(toks))  # every unit has tokens (see FlatLayout)
+            tiles = torch.stack(present[1:]) if len(present) > 1 else None  # (cols·rows, g², D)
+            newline = cast(Tensor, host.image_newline)  # the Parameter build() made
+            grid = cast("tuple[int, int]", plan.grid)  # a tiled plan has one (unused without tiles)
+            out.append(pack_anyres(present[0], tiles, grid, plan.image_size, newline))
         return out
 
 

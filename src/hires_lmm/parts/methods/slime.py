@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from torch import Tensor
 from ...plan.cost import attention, dense, mlp2x
 from ...plan.types import Plan, TokenGroup
 from ..options import Options, PartError
-from ..registry import BuildContext, TokenShape, UnitShape, Units, register_method, register_part
+from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..stages import CompressorPart, LayoutPart, Select, SelectorPart
 from .llava import preset
 
@@ -56,9 +56,10 @@ class SlimeCompressor(CompressorPart):
         proj = build_projector(o.projector, d, ctx.d_llm)
         host.mm_projector = GatedMixture(d, proj, SlimeResampler(o.global_queries, d, o.heads))
         host.sampler = SlimeResampler(o.local_queries, d, o.heads)  # the local compressor
-        host.local_grid = math.isqrt(o.local_queries)
+        h: Any = host  # plain attributes: nn.Module's __setattr__ stub takes only Tensor | Module
+        h.local_grid = math.isqrt(o.local_queries)
         #: which views reach the LLM: "both", or "global"/"local" alone (training stages 1 and 2)
-        host.mode = "both"
+        h.mode = "both"
 
     def tokens(self, units: list[UnitShape]) -> list[TokenShape]:
         g = math.isqrt(self.options.local_queries)
@@ -81,11 +82,12 @@ class SlimeCompressor(CompressorPart):
         is_local = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         is_local[first] = False
         out: list[Tensor | None] = [None] * feats.shape[0]
-        if host.mode != "local":
-            for k, t in zip(first.tolist(), host.mm_projector(feats[first])):  # (B, 576, D)
+        h: Any = host  # its parts' attributes, set by build() (the __getattr__ stub says Tensor | Module)
+        if h.mode != "local":
+            for k, t in zip(first.tolist(), h.mm_projector(feats[first])):  # (B, 576, D)
                 out[k] = t
-        if host.mode != "global":
-            local = host.mm_projector.projection(host.sampler(feats[is_local]))  # (ΣN, 144, D)
+        if h.mode != "global":
+            local = h.mm_projector.projection(h.sampler(feats[is_local]))  # (ΣN, 144, D)
             for k, t in zip(is_local.nonzero().flatten().tolist(), local):
                 out[k] = t
         return out
@@ -156,10 +158,11 @@ class TextGuidedSelector(SelectorPart):
     def select(self, host: nn.Module, tokens: Tensor, text: Tensor | None) -> Tensor | None:
         from ...connect.slime import text_guided_select
 
-        if text is None or host.selector_p >= 1.0 or text.shape[0] == 0:
+        h: Any = host  # plain attributes set by build() (the __getattr__ stub says Tensor | Module)
+        if text is None or h.selector_p >= 1.0 or text.shape[0] == 0:
             return None
-        return text_guided_select(tokens, text.to(tokens.dtype), host.selector_p, training=host.training,
-                                  variant=host.selector_variant)
+        return text_guided_select(tokens, text.to(tokens.dtype), h.selector_p, training=host.training,
+                                  variant=h.selector_variant)
 
 
 SLIME = register_method(preset("slime", "slime", compressor="slime", layout="slime", selector="text-guided",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from ...plan.types import Plan, TokenGroup
 from ...plan.uhd import best_pooling_size
 from ..batching import run_grouped
 from ..options import Options, PartError
-from ..registry import BuildContext, TokenShape, UnitShape, Units, register_method, register_part
+from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..stages import CompressorPart, LayoutPart, Select
 from .llava import preset
 
@@ -69,7 +69,8 @@ class _Resampler(CompressorPart):
 
     def compress(self, host: nn.Module, units: Units) -> list[Tensor | None]:
         # one resampler call per group of equal feature-map sizes (UHD's slices of one image share one)
-        return run_grouped(lambda x, g: host.mm_projector(x, tgt_size=g), units.feats, lambda i, _t: units.grids[i])
+        proj: Any = host.mm_projector  # set by build() (the __getattr__ stub says Tensor | Module)
+        return list(run_grouped(lambda x, g: proj(x, tgt_size=g), units.feats, lambda i, _t: units.grids[i]))
 
 
 @register_part
@@ -152,7 +153,9 @@ class SpatialSchema(LayoutPart):
         comma, newline = embed(ids)
         out = []
         for i, (plan, toks) in enumerate(zip(plans, tokens)):
-            slices = list(toks[:-1])
+            # every unit has tokens here (only SliME's global/local modes leave some None)
+            present = cast("list[Tensor]", list(toks))
+            slices = present[:-1]
             if select is not None and slices:
                 keep = select(torch.cat(slices), text_embeds[i] if text_embeds is not None else None)
                 if keep is not None:
@@ -160,7 +163,7 @@ class SpatialSchema(LayoutPart):
             parts: list[Tensor] = []
             for t, sep in zip(slices, plan.separators):
                 parts += [t, (newline if sep == "\n" else comma)[None].to(t.dtype)]
-            parts.append(toks[-1])  # type: ignore[arg-type]
+            parts.append(present[-1])
             out.append(torch.cat(parts))
         return out
 
