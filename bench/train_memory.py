@@ -58,7 +58,8 @@ def run(engine: str, root: Path, llm_dir: Path, data: Path, procs: int, port: in
     out = root / f"out-{engine}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / CONFIGS[engine]), "--num_processes", str(procs),
-           "--mixed_precision", "no", "--main_process_port", str(port), "-m", "hires_lmm.cli", "train", "-m", "llava-1.5", "--tiny", "--llm", str(llm_dir), "--stage", "2", "--data-path", str(data),
+           "--mixed_precision", "no", "--main_process_port", str(port), "-m", "hires_lmm.cli",
+           "train", "-m", "llava-1.5", "--tiny", "--llm", str(llm_dir), "--stage", "2", "--data-path", str(data),
            "--image-folder", str(root / "images"), "--output-dir", str(out), "--batch-size", "1", "--max-steps",
            str(steps), "--save-steps", "1000", "--no-progress", "--no-group-by-length"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -84,7 +85,7 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         llm_dir, data = build_inputs(root, args.layers, args.hidden)
         rows = [run(e, root, llm_dir, data, args.procs, 29580 + i, args.steps) for i, e in enumerate(args.engines.split(","))]
-    print(f"| engine | trainable params | per rank | peak RSS per rank (MiB) | wall (s) |")
+    print("| engine | trainable params | per rank | peak RSS per rank (MiB) | wall (s) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         rss = " / ".join(f"{m:.0f}" for m in r["peak_rss_mib_per_rank"])

@@ -158,7 +158,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 # the tiny served LLaVA-UHD of tests/test_serve.py, its helpers and fixtures (pytest puts tests/ on the path)
-from test_serve import NAME, assert_error, chat, data_url, model_dir, picture, request, served, user  # noqa: E402,F401
+from test_serve import NAME, assert_error, chat, data_url, model_dir, picture, request, served, user  # noqa: E402,F401,F811
 
 from hires_lmm.serve.errors import APIError  # noqa: E402
 from hires_lmm.serve.protocol import parse_chat_request, parse_plan_request  # noqa: E402
@@ -203,7 +203,7 @@ def test_protocol_refuses_bad_budgets(extra, param, code):
         assert "\n" not in str(e.value.to_json()["error"]["message"])
 
 
-def test_served_chat_budget_sets_the_prompt_tokens(served):
+def test_served_chat_budget_sets_the_prompt_tokens(served):  # noqa: F811  (the imported fixture)
     img = picture(*SIZES[0], seed=2)
     url = data_url(img)
     msgs = user("What is it?", url)
@@ -232,7 +232,7 @@ def test_served_chat_budget_sets_the_prompt_tokens(served):
     assert err["error"]["param"] == "mm_processor_kwargs.max_visual_tokens"
 
 
-def test_served_plan_budget(served):
+def test_served_plan_budget(served):  # noqa: F811  (the imported fixture)
     img = picture(*SIZES[0], seed=4)
     status, _, data = request(served.url, "POST", "/v1/plan", {"image": data_url(img), "overlay": False,
                                                                  "max_visual_tokens": BUDGET})

@@ -21,7 +21,6 @@ from hires_lmm.train.stages import apply_stage, get_stage
 from hires_lmm.train.trainer import SCHEDULES
 from hires_lmm.vision.vit import ViT
 
-
 # --- tokenizer --------------------------------------------------------------------------------------
 
 def test_word_tokenizer_makes_answers_single_tokens():

@@ -15,7 +15,6 @@ from hires_lmm.plan.anyres import NEXT_PINPOINTS, select_best_resolution, unpadd
 from hires_lmm.plan.slime import local_candidates
 from hires_lmm.plan.uhd import best_grid, find_best_resize
 
-
 # --- LLaVA-UHD: SPEC's worked examples -------------------------------------------------------
 
 @pytest.mark.parametrize("size, grid, slice_size, overview", [
@@ -97,7 +96,6 @@ SIZES = [(1, 1), (10, 10), (336, 336), (500, 375), (375, 500), (640, 480), (1024
 @pytest.mark.parametrize("size", SIZES)
 def test_next_best_resolution_matches_transformers(size):
     from transformers.image_processing_utils import select_best_resolution as hf_select
-
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     w, h = size
@@ -116,9 +114,8 @@ def test_next_tie_order_llava_option():
 @pytest.mark.parametrize("size", SIZES)
 def test_next_token_count_matches_transformers_processor(size):
     from transformers.image_processing_utils import select_best_resolution as hf_select
-    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
-
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
     w, h = size
     hf_h, hf_w = hf_select((h, w), LlavaNextImageProcessorPil.image_grid_pinpoints)

@@ -452,7 +452,7 @@ def test_bad_requests_do_not_disturb_a_stream(served, ref):
     t.start()
     assert first.wait(60)
     latencies = []
-    for name, body, status, code, words in bad_requests(served):
+    for _name, body, status, code, words in bad_requests(served):
         got, _, data = request(served.url, "POST", "/v1/chat/completions", body)
         assert_error(got, json.loads(data), status, code, *words)
         t0 = time.monotonic()

@@ -21,8 +21,14 @@ from hires_lmm.generation import IncrementalDecoder, StopMatcher, sample_next, s
 from hires_lmm.methods import build_model
 from hires_lmm.model import HiresLMM
 from hires_lmm.plan import METHODS
-from hires_lmm.processing import (CHAT_TEMPLATES, HiresImageProcessor, HiresProcessor, ProcessorInputError,
-                                  pack_images, unpack_images)
+from hires_lmm.processing import (
+    CHAT_TEMPLATES,
+    HiresImageProcessor,
+    HiresProcessor,
+    ProcessorInputError,
+    pack_images,
+    unpack_images,
+)
 from hires_lmm.text import build_byte_tokenizer
 
 

@@ -15,7 +15,6 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
-    CLIPVisionModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )

@@ -40,13 +40,14 @@ def register() -> bool:
     try:
         try:
             # our classes first: the ImportError of a module still being imported ends this try
-            from .config import HiresConfig
-            from .model import HiresLMM
-            from .processing import HiresImageProcessor, HiresProcessor
             from transformers.models.auto.configuration_auto import AutoConfig
             from transformers.models.auto.image_processing_auto import AutoImageProcessor
             from transformers.models.auto.modeling_auto import AutoModelForCausalLM, AutoModelForImageTextToText
             from transformers.models.auto.processing_auto import AutoProcessor
+
+            from .config import HiresConfig
+            from .model import HiresLMM
+            from .processing import HiresImageProcessor, HiresProcessor
         except ImportError:
             return False
         try:

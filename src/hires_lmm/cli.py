@@ -21,7 +21,8 @@ from .plan import METHODS, Plan, parse_size, plan_image
 #: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
 #: raising :class:`CLIError`, or any :class:`~hires_lmm.errors.HiresError`, prints a clean
 #: one-line error with exit status 2)
-EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli", "hires_lmm.compare.cli", "hires_lmm.parts.cli")
+EXTENSIONS = ("hires_lmm.eval.cli", "hires_lmm.serve.cli", "hires_lmm.convert.cli", "hires_lmm.bench.cli",
+              "hires_lmm.compare.cli", "hires_lmm.parts.cli")
 
 __all__ = ["CLIError", "EXTENSIONS", "HiresError", "build_parser", "format_cost", "format_plan", "main"]
 

@@ -38,7 +38,7 @@ class Preset:
     needs_convnext: bool = False
 
     @classmethod
-    def of(cls, spec: MethodSpec) -> "Preset":
+    def of(cls, spec: MethodSpec) -> Preset:
         full, tiny = spec.connector(), spec.connector(tiny=True)
         return cls(spec.name, dict(spec.options.get("views", {})), full,
                    {k: v for k, v in tiny.items() if full.get(k) != v}, _needs_convnext(spec))

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,8 +38,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 from PIL import Image
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat import CACHE_FIELD, cache_kwargs, output_cache
@@ -48,7 +53,7 @@ from .config import HiresConfig
 from .errors import ModelLoadError, one_line
 from .image import DEFAULT_MAX_PIXELS
 from .plan import Plan, plan_image
-from .processing import ImageInput, pack_images, prepare_image, unpack_images
+from .processing import ImageInput, prepare_image, unpack_images
 from .text import ensure_image_token, separator_id
 
 IGNORE_INDEX = -100
@@ -593,7 +598,7 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, path: str | os.PathLike, *model_args: Any, config: HiresConfig | None = None,
                         dtype: torch.dtype | str | None = None, device_map: str | dict | torch.device | None = None,
                         torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-                        **kwargs: Any) -> "HiresLMM":
+                        **kwargs: Any) -> HiresLMM:
         """Load a directory written by :meth:`save_pretrained`.
 
         Refuses, with a one-line :class:`~hires_lmm.errors.ModelLoadError` (a ValueError; a

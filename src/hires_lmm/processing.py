@@ -216,7 +216,7 @@ class HiresImageProcessor(BaseImageProcessor):
         return BatchFeature(pack_images(prepared))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "HiresImageProcessor":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> HiresImageProcessor:
         """From ``preprocessor_config.json``; for a model directory saved before the processor
         existed, from its ``config.json`` (method and plan options)."""
         for k in _HUB_KWARGS:
@@ -378,7 +378,7 @@ class HiresProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     @classmethod
-    def from_model(cls, model: Any) -> "HiresProcessor":
+    def from_model(cls, model: Any) -> HiresProcessor:
         """The processor of a :class:`~hires_lmm.model.HiresLMM` (its tokenizer, method, plan options)."""
         ip = HiresImageProcessor(model.config.method, model.config.plan_options,
                                  method_spec=getattr(model.config, "method_spec", None))
@@ -478,7 +478,7 @@ class HiresProcessor(ProcessorMixin):
         return files
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "HiresProcessor":
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> HiresProcessor:
         """From a directory written by :meth:`save_pretrained` or :meth:`HiresLMM.save_pretrained`
         (also one saved before the processor existed: method and plan options from config.json)."""
         for k in _HUB_KWARGS:

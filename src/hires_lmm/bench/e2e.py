@@ -23,7 +23,8 @@ PROMPT = "<image>\nDescribe the picture in detail."
 
 
 def _timed_generate(model: Any, image: Any, new_tokens: int) -> tuple[float, float, int]:
-    """(time to first token s, decode tokens/s, decode steps) of one ``generate`` call."""
+    """(time to first token s, decode tokens/s, decode steps) of one ``generate`` call: the prefill
+    gives the first token, each decode step (LLM forward) one more."""
     stamps: list[float] = []
     eos = model.tokenizer.eos_token_id
 

@@ -353,7 +353,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     more accuracy, or less TFLOPs and at least their accuracy. Ordered by TFLOPs."""
     best = -math.inf
     front = []
-    for name, (cost, acc) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+    for name, (_cost, acc) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
         if acc > best:
             front.append(name)
             best = acc

@@ -43,7 +43,7 @@ from .export_targets import EXPORT_TARGETS, ExportError, check_exportable
 from .layouts import Layout, layout_for
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["EXPORT_TARGETS", "ExportError", "ExportReport", "chat_template_for_processor", "export_checkpoint",
            "hf_config", "hf_state_dict", "verify_export"]

@@ -126,7 +126,7 @@ _COLOR_SIGNS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow
 _SEGMENTS = {"0": "abcdef", "1": "bc", "2": "abged", "3": "abgcd", "4": "fgbc", "5": "afgcd",
              "6": "afgedc", "7": "abc", "8": "abcdefg", "9": "abcdfg"}
 
-_ID_RE = re.compile(r"^(?:%s)-\d{6}\.png$" % "|".join(TASKS))
+_ID_RE = re.compile(r"^(?:{})-\d{{6}}\.png$".format("|".join(TASKS)))
 
 
 # --- geometry of one example ---------------------------------------------------------------------

@@ -116,7 +116,7 @@ class _TokInfo:
     single: dict[str, int | None] = field(default_factory=dict)
 
 
-_INFO: "weakref.WeakKeyDictionary[Any, _TokInfo]" = weakref.WeakKeyDictionary()
+_INFO: weakref.WeakKeyDictionary[Any, _TokInfo] = weakref.WeakKeyDictionary()
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

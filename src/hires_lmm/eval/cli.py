@@ -96,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-id", help="the answers' model_id (default: the model directory's name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retry-errors", action="store_true", help="ask questions whose earlier answer was an error again")
-    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced (2-4x faster preprocessing, within a few grey levels of the exact pixels)")
+    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced "
+                   "(2-4x faster preprocessing, within a few grey levels of the exact pixels)")
     p.add_argument("--max-visual-tokens", type=int, metavar="B",
                    help="plan every image within B visual tokens (the planners' budget; default: the saved "
                         "config's); an image no plan fits is recorded as an error answer")

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 # --- VQA normalisation (EvalAIAnswerProcessor, verbatim tables) ------------------------------------
 
@@ -126,7 +125,7 @@ def normalize_vqa_answer(answer: str) -> str:
     return _process_digit_article(_process_punctuation(text))
 
 
-References = Union[str, Sequence[str]]
+References = str | Sequence[str]
 
 
 def _refs(references: References) -> list[str]:
@@ -219,7 +218,7 @@ def exact_match(prediction: str, references: References) -> float:
 #: Letters considered when no options are given: LLaVA's ScienceQA evaluation default (``--options``).
 DEFAULT_CHOICES = "ABCDE"
 
-Options = Union[Mapping[str, str], Sequence[str], None]
+Options = Mapping[str, str] | Sequence[str] | None
 
 _WHOLE = re.compile(r"^[\(\[]?([A-Z])[\)\]]?[.:]?$")
 _STATEMENT = re.compile(

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -33,7 +33,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 #: scans, small enough that one decoded image (3 bytes per pixel) cannot exhaust memory.
 DEFAULT_MAX_PIXELS = 64_000_000
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+ImageSource = str | os.PathLike | bytes | bytearray | IO[bytes] | Image.Image
 
 _pil_lock = threading.Lock()
 

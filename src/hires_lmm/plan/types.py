@@ -59,7 +59,7 @@ class Canvas:
     resample: Resample = "pil_bicubic"
     source: int | None = None
     #: for a derived canvas (``source`` set): the canvas it is made from, to map points back
-    parent: "Canvas | None" = None
+    parent: Canvas | None = None
 
     def to_image(self, x: float, y: float, image_size: Size) -> tuple[float, float]:
         """Map a point on this canvas to original-image coordinates."""

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest request body in MiB (default %(default)g)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="N",
                    help="largest image, width x height (default %(default)s)")
-    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced (2-4x faster preprocessing, within a few grey levels of the exact pixels)")
+    p.add_argument("--fast-decode", action="store_true", help="plan from the header and decode large JPEGs reduced "
+                   "(2-4x faster preprocessing, within a few grey levels of the exact pixels)")
     p.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, metavar="N",
                    help="most images in one request (default %(default)s)")
     p.add_argument("--max-model-len", type=int, metavar="N",

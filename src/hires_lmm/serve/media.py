@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image
 
 from ..image import ImageLoadError, ImageTooLargeError, image_size, load_image
-from ..image.load import InvalidImagePathError, shorten_path, decode_data_url
+from ..image.load import InvalidImagePathError, decode_data_url, shorten_path
 from .errors import APIError, bad_request
 
 ImageBytesOrPath = bytes | Path

@@ -251,7 +251,7 @@ def parse_messages(messages: Any) -> list[Message]:
             raise _missing(f"{p}.content")
         role = "system" if role == "developer" else role
         parts = _parts(m["content"], f"{p}.content", role)
-        for k, part in enumerate(parts):
+        for part in parts:
             if part[0] == "text" and IMAGE_PLACEHOLDER in part[1]:
                 raise bad_request(f"'{p}.content' contains the placeholder {IMAGE_PLACEHOLDER!r}, which this server "
                                   "inserts itself: send each image as an image_url part instead",

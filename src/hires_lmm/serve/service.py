@@ -39,17 +39,17 @@ import math
 import os
 import queue
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data.templates import ChatTemplate, TemplateError, encode_segments, get_template
-from ..model import HiresLMM
 from ..image import ImageLoadError
+from ..model import HiresLMM
 from ..plan import METHODS, Plan, plan_image
 from ..plan.budget import BudgetError
 from ..processing import ImageInput, prepare_image

@@ -150,7 +150,7 @@ class FSDPSettings:
     activation_checkpointing: bool = False
 
     @classmethod
-    def from_env(cls) -> "FSDPSettings":
+    def from_env(cls) -> FSDPSettings:
         policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip().upper()
         if policy not in ("TRANSFORMER_BASED_WRAP", "NO_WRAP"):
             raise DistributedError(f"fsdp_auto_wrap_policy {policy}: hires train wraps by layer class "
