@@ -17,6 +17,7 @@ from typing import Any
 # twice, and classes defined here would exist twice (one copy's raise escaping the other's except)
 from .errors import CLIError, HiresError, one_line
 from .plan import METHODS, Plan, parse_size, plan_image
+from .plan.format import format_budget, format_plan  # noqa: F401  (format_plan: re-exported, its old home)
 
 #: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
 #: raising :class:`CLIError`, or any :class:`~hires_lmm.errors.HiresError`, prints a clean
@@ -87,50 +88,6 @@ def _plan_or_refuse(command: str, method: str, size: tuple[int, int], budget: in
         return None
 
 
-def _fmt_box(box: Sequence[float] | None) -> str:
-    if box is None:
-        return "-"
-    return "[" + ", ".join(f"{v:g}" if float(v).is_integer() else f"{v:.1f}" for v in box) + "]"
-
-
-def format_plan(plan: Plan) -> str:
-    """A readable table of a plan."""
-    grid = "x".join(map(str, plan.grid)) if plan.grid else "-"
-    seps = " ".join(repr(s)[1:-1] for s in plan.separators) or "-"
-    w, h = plan.image_size
-    lines = [f"{plan.method}  image {w}x{h}  grid {grid}  views {len(plan.views)}  "
-             f"visual tokens {plan.num_visual_tokens}" + (" (upper bound)" if plan.extra.get("bound") else "")
-             + _fmt_budget(plan.extra),
-             f"  separators: {seps}",
-             f"  {'#':>3}  {'role':<10} {'size':<11} {'cell':<6} source box / stride"]
-    for i, v in enumerate(plan.views):
-        cell = f"{v.cell[0]},{v.cell[1]}" if v.cell else "-"
-        where = (f"rows {v.stride[2]}::{v.stride[0]}, cols {v.stride[1]}::{v.stride[0]} of the {plan.canvases[v.canvas].size[0]}"
-                 f"x{plan.canvases[v.canvas].size[1]} canvas") if v.stride else _fmt_box(v.box)
-        lines.append(f"  {i:>3}  {v.role:<10} {v.size[0]}x{v.size[1]:<{10 - len(str(v.size[0]))}} {cell:<6} {where}")
-    lines.append("  tokens: " + " + ".join(f"{g.count} {g.source}" for g in _merge_groups(plan)))
-    return "\n".join(lines)
-
-
-def _fmt_budget(extra: dict[str, Any]) -> str:
-    """``  budget B (choice)`` for a plan made under a budget, else nothing."""
-    if "max_visual_tokens" not in extra:
-        return ""
-    choice = ", ".join(f"{k}={'; '.join('x'.join(map(str, p)) for p in v) if k == 'pinpoints' else v}"
-                       for k, v in extra.get("budget_choice", {}).items())
-    return f"  budget {extra['max_visual_tokens']}" + (f" ({choice})" if choice else "")
-
-
-def _merge_groups(plan: Plan) -> list:
-    from .plan.types import TokenGroup
-
-    merged: dict[str, int] = {}
-    for g in plan.tokens:
-        key = g.source.split(" ")[0] if g.source.startswith(("slice", "separator")) else g.source
-        merged[key] = merged.get(key, 0) + g.count
-    return [TokenGroup(k, v) for k, v in merged.items()]
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     methods = _methods(args.method)
     targets: list[tuple[str | None, tuple[int, int]]] = [(None, s) for s in _sizes(args.size or [])]
@@ -185,7 +142,7 @@ def format_cost(rep) -> str:  # noqa: ANN001 - CostReport
     w, h = rep.image_size
     lines = [f"{rep.method}  image {w}x{h}  visual tokens {rep.num_visual_tokens}  "
              f"LLM {rep.llm_params / 1e9:g}B (hidden {rep.llm_hidden})"
-             + _fmt_budget({"max_visual_tokens": rep.max_visual_tokens, "budget_choice": rep.budget_choice}
+             + format_budget({"max_visual_tokens": rep.max_visual_tokens, "budget_choice": rep.budget_choice}
                            if rep.max_visual_tokens is not None else {})]
     for v in rep.views:
         lines.append(f"  vision  {v.role:<10} {v.size[0]}x{v.size[1]:<6} {v.encoder:<8} {v.tokens:>6} tokens  {v.flops / t:8.3f} TFLOPs")

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
-from ..cli import CLIError
+from ..errors import CLIError
 
 DEFAULT_REPORT = "docs/performance.md"
 

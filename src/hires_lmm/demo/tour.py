@@ -43,10 +43,10 @@ def make_demo_image(size: tuple[int, int] = (1600, 1200), seed: int = 0) -> Imag
 
 
 def run_tour(out: Path, quick: bool = False) -> None:
-    from ..cli import format_plan
     from ..image import load_image
     from ..image.overlay import draw_plan
     from ..plan.cost import plan_cost
+    from ..plan.format import format_plan
 
     out.mkdir(parents=True, exist_ok=True)
     img = load_image(ASSET) if ASSET.exists() else make_demo_image()

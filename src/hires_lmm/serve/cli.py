@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..cli import CLIError
+    from ..errors import CLIError
 
     try:
         import starlette  # noqa: F401
