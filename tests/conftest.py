@@ -40,3 +40,24 @@ def rand_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     """A (w, h) RGB image of uniform random pixels."""
     w, h = size
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+#: the colour-question training set of the trainer tests: colour word → RGB
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+
+
+def write_colour_dataset(root, n: int, base: tuple[int, int]):  # noqa: ANN001, ANN201  (Path in, Path out)
+    """``n`` small one-colour images under ``root/images`` (sizes ``base + (10 i, 7 i)``) and
+    ``root/train.json``: LLaVA records asking their colour, answered with the colour word."""
+    import json
+
+    (root / "images").mkdir()
+    recs = []
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        Image.new("RGB", (base[0] + 10 * i, base[1] + 7 * i), COLOURS[name]).save(root / "images" / f"{i}.png")
+        recs.append({"id": f"r{i}", "image": f"{i}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                                       {"from": "gpt", "value": name}]})
+    (root / "train.json").write_text(json.dumps(recs))
+    return root

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import write_colour_dataset
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,17 +43,7 @@ PORTS = iter(range(29640, 29700))
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    recs = []
-    for i in range(16):
-        name = list(COLOURS)[i % 4]
-        Image.new("RGB", (300 + 10 * i, 200 + 7 * i), COLOURS[name]).save(root / "images" / f"{i}.png")
-        recs.append({"id": f"r{i}", "image": f"{i}.png",
-                     "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
-                                       {"from": "gpt", "value": name}]})
-    (root / "train.json").write_text(json.dumps(recs))
-    return root
+    return write_colour_dataset(tmp_path_factory.mktemp("data"), 16, (300, 200))
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from conftest import write_colour_dataset
 from safetensors.torch import load_file, save_file
 
 from hires_lmm.data.records import DataError
@@ -30,17 +30,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8 small images of one colour each, question → colour word."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    recs = []
-    for i in range(8):
-        name = list(COLOURS)[i % 4]
-        Image.new("RGB", (200 + 10 * i, 150 + 7 * i), COLOURS[name]).save(root / "images" / f"{i}.png")
-        recs.append({"id": f"r{i}", "image": f"{i}.png",
-                     "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
-                                       {"from": "gpt", "value": name}]})
-    (root / "train.json").write_text(json.dumps(recs))
-    return root
+    return write_colour_dataset(tmp_path_factory.mktemp("data"), 8, (200, 150))
 
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
