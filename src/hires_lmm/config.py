@@ -62,7 +62,12 @@ class HiresConfig(PretrainedConfig):
 
         ``text_config`` stays a plain dict in config.json and in this object (converters and
         exporters read it as one), so the object is rebuilt on each call: change the dict, not it.
+        A config whose ``text_config`` has no ``model_type`` yet (while it is being built or
+        validated: transformers 5.6 validates token ids inside ``__init__``) answers with itself,
+        transformers' own default for a config without a text sub-config.
         """
+        if "model_type" not in self.text_config:
+            return self
         return self.llm_config()
 
     def vit_config(self) -> PretrainedConfig:
