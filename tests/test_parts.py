@@ -323,8 +323,19 @@ def test_the_worked_example_of_adding_a_method_runs():
         mod = types.ModuleType("my_methods_pooled")  # a real module: dataclasses resolve annotations in it
         sys.modules[mod.__name__] = mod
         exec(compile(code, "adding-a-method.md", "exec"), mod.__dict__)
-    assert "pooled-mlp" in PARTS["compressor"] and METHOD_SPECS["llava-next-pooled"].recipes == "llava-next"
+    assert "pooled-mlp" in PARTS["compressor"]
+    # its recipe is in the same file: LLaVA's two stages on the pooled projector and the newline
+    from hires_lmm.parts import two_stage
+    from hires_lmm.train.stages import STAGES, apply_stage, get_stage
+
+    pooled = METHOD_SPECS["llava-next-pooled"]
+    assert pooled.recipe() == two_stage(("visual.mm_projector.", "visual.image_newline")) == dict(STAGES["llava-next-pooled"])
+    assert pooled.to_json()["recipes"] == "llava-next-pooled"
     model = build_model("llava-next-pooled", tiny=True)
+    groups = apply_stage(model, get_stage("llava-next-pooled", "1"))
+    assert {g["name"] for g in groups} == {"visual.mm_projector.", "visual.image_newline"}
+    assert get_stage({"base": "llava-next", "compressor": "pooled-mlp"}, "2") == get_stage("llava-next", "2")
+    model.eval()
     image = model.prepare_image(_images()[0])
     with torch.no_grad():
         out = model([_ids(model, "What is it?")], [[image]])

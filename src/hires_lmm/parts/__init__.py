@@ -10,7 +10,8 @@
 * :mod:`.registry`: the stages, ``@register_part``, :data:`PARTS`, :data:`METHOD_SPECS`,
   :func:`check_parts` (shape compatibility);
 * :mod:`.stages`: what a part of each stage implements; :mod:`.options`: typed options;
-* :mod:`.spec`: :class:`MethodSpec` (parts + options + recipes + formats; plan, cost);
+* :mod:`.spec`: :class:`MethodSpec` (parts + options + training stages + formats; plan, cost);
+* :mod:`.recipes`: :class:`Stage` (one training stage), :func:`two_stage` (LLaVA's recipe);
 * :mod:`.files`: method files (JSON / YAML) and :func:`resolve_method`;
 * :mod:`.configs`: spec ↔ saved config; :mod:`.methods`: the seven presets, one module per family.
 
@@ -24,9 +25,10 @@ from __future__ import annotations
 from .configs import config_fields, spec_from_config
 from .files import is_method_file, load_method_file, resolve_method, spec_from_dict
 from .options import Options, PartError
+from .recipes import Stage, two_stage
 from .registry import BUILD_ORDER, METHOD_SPECS, PARTS, STAGES, Part, check_parts, get_part, register_method, register_part
 from .spec import MethodSpec
 
 __all__ = ["BUILD_ORDER", "METHOD_SPECS", "PARTS", "STAGES", "MethodSpec", "Options", "Part", "PartError",
-           "check_parts", "config_fields", "get_part", "is_method_file", "load_method_file", "register_method",
-           "register_part", "resolve_method", "spec_from_config", "spec_from_dict"]
+           "Stage", "check_parts", "config_fields", "get_part", "is_method_file", "load_method_file", "register_method",
+           "register_part", "resolve_method", "spec_from_config", "spec_from_dict", "two_stage"]

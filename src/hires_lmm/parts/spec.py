@@ -1,4 +1,4 @@
-"""A method: one part per stage, their options, its training recipes and conversion formats.
+"""A method: one part per stage, their options, its training recipe and conversion formats.
 
 :class:`MethodSpec` is what a preset is and what a method file becomes; it plans and costs an
 image with exactly the token count the built model produces (:meth:`MethodSpec.plan`,
@@ -18,6 +18,7 @@ from ..plan.hr import hr_budget_sides
 from ..plan.slime import MIN_TILE_CAP
 from ..plan.types import Plan
 from .options import PartError
+from .recipes import Stage
 from .registry import METHOD_SPECS, PARTS, STAGES, Part, TokenShape, check_parts, get_part
 from .stages import ViewsPart
 
@@ -38,11 +39,15 @@ class MethodSpec:
         name: the method's name (a preset's is its :data:`~hires_lmm.plan.METHODS` name).
         parts: stage → part name, for every stage of :data:`~.registry.STAGES`.
         options: stage → the options given explicitly (the rest are the parts' defaults).
-        recipes: the method whose training stages apply (``train.stages.get_stage(recipes, name)``);
-            None: only the generic ``scratch`` / ``frozen-encoders`` stages.
+        recipes: the registered method whose training stages apply: a preset names itself, a
+            method file its base's (or the one it names); None, with no ``train_stages``: only
+            the generic ``scratch`` / ``frozen-encoders`` stages.
         formats: the ``hires convert`` formats (:data:`hires_lmm.convert.formats.FORMATS`) that
             produce this method.
         base: the preset a composed method started from (None for a preset).
+        train_stages: the method's own training stages, stage name → :class:`~.recipes.Stage`
+            in training order (the paper's recipe, defined in the method's module next to its
+            registration); empty: those of ``recipes``. See :meth:`recipe`.
     """
 
     name: str
@@ -51,6 +56,24 @@ class MethodSpec:
     recipes: str | None = None
     formats: tuple[str, ...] = ()
     base: str | None = None
+    train_stages: Mapping[str, Stage] = field(default_factory=dict)
+
+    # --- training -------------------------------------------------------------------------------
+    def recipe(self) -> dict[str, Stage]:
+        """The training stages that apply to this method, in order: its own ``train_stages``,
+        else those of the registered method ``recipes`` names, else none (only the generic
+        stages of ``hires_lmm.train.stages.get_stage``)."""
+        spec, seen = self, set[str]()
+        while not spec.train_stages:
+            if spec.recipes is None or spec.recipes in seen:  # none, or a method naming itself
+                return {}
+            seen.add(spec.recipes)
+            owner = METHOD_SPECS.get(spec.recipes)
+            if owner is None:
+                raise PartError(f"{self.name}: recipes {spec.recipes!r} is not a registered method; "
+                                f"choose from {', '.join(METHOD_SPECS)}")
+            spec = owner
+        return dict(spec.train_stages)
 
     # --- validation, parts ----------------------------------------------------------------
     def part_classes(self) -> dict[str, type[Part]]:
@@ -125,8 +148,9 @@ class MethodSpec:
         out: dict[str, Any] = {"name": self.name, "base": self.base}
         out.update({s: self.parts[s] for s in STAGES})
         out.update({f"{s}_options": dict(self.options[s]) for s in STAGES if self.options.get(s)})
-        if self.recipes is not None:
-            out["recipes"] = self.recipes
+        recipes = self.recipes if self.recipes is not None else (self.name if self.train_stages else None)
+        if recipes is not None:  # a name: stages are found again through the registry
+            out["recipes"] = recipes
         return out
 
     # --- shapes: plan, count, cost ------------------------------------------------------------

@@ -5,6 +5,12 @@ learning rates; everything else is frozen. The vision encoder is frozen in every
 except LLaVA-HR's stage 2; ``scratch`` (everything trains, one learning rate) is what tiny models
 trained from random weights need — a frozen random ViT cannot learn to see.
 
+A method's stages belong to its spec (:attr:`hires_lmm.parts.MethodSpec.train_stages`), written
+in its method module next to its registration (``hires_lmm/parts/methods/``: a new method is one
+file); a method file inherits its base's, or names a method's with ``recipes``. This module
+looks them up through the spec (:func:`get_stage`, :data:`STAGES`), adds the generic stages and
+applies a stage to a model (:func:`apply_stage`).
+
 =============  ===========================================================================
 method         stages (data: caption = stage-1 captions, instruct = question/answer)
 =============  ===========================================================================
@@ -22,72 +28,45 @@ slime          1a: global only, MLP expert @1e-3 · 1b: global only, resampler e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+from ..parts.recipes import ALL, Stage
 
-ALL = ""  # prefix matching every parameter
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One training stage of a method.
-
-    Attributes:
-        name: "1", "2", "1a", ..., or "scratch".
-        groups: (prefix, learning rate) pairs; a parameter trains with the lr of the first
-            prefix it starts with; parameters matching none, or a prefix whose lr is None, are
-            frozen.
-        data: "caption" or "instruct", the kind of data the paper used.
-        template: the chat template the paper used for this stage ("plain" for captions).
-        plan_options: planner options for this stage (LLaVA-HR's resolution).
-        visual: attributes set on the visual module (SliME's mode, gate, selector).
-        save_trainable_only: a stage-1 run saves only what it trained; the next stage starts
-            from it (``--init``).
-    """
-
-    name: str
-    groups: tuple[tuple[str, float | None], ...]
-    data: str = "instruct"
-    template: str = "vicuna_v1"
-    plan_options: dict[str, Any] = field(default_factory=dict)
-    visual: dict[str, Any] = field(default_factory=dict)
-    save_trainable_only: bool = False
+__all__ = ["ALL", "ENCODERS", "GENERIC_STAGES", "STAGES", "Stage", "apply_stage", "get_stage", "trainable_state_dict"]
 
 
-def _two(projector: tuple[str, ...]) -> dict[str, Stage]:
-    return {
-        "1": Stage("1", tuple((p, 1e-3) for p in projector), data="caption", template="plain", save_trainable_only=True),
-        "2": Stage("2", tuple((p, 2e-5) for p in projector) + (("llm.", 2e-5),)),
-    }
+class _Recipes(Mapping[str, Mapping[str, Stage]]):
+    """Registered method name → its training stages, read from the specs
+    (:meth:`hires_lmm.parts.MethodSpec.recipe`) each time: a method registered later appears,
+    and nothing here can drift from the specs. Lists the methods that have stages."""
+
+    def __getitem__(self, method: str) -> Mapping[str, Stage]:
+        from ..parts import METHOD_SPECS
+
+        spec = METHOD_SPECS.get(method) if isinstance(method, str) else None
+        stages = spec.recipe() if spec is not None else {}
+        if not stages:
+            raise KeyError(method)
+        return stages
+
+    def __iter__(self) -> Iterator[str]:
+        from ..parts import METHOD_SPECS
+
+        return iter([name for name, spec in METHOD_SPECS.items() if spec.recipe()])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"STAGES({ {k: list(v) for k, v in self.items()} })"
 
 
-STAGES: dict[str, dict[str, Stage]] = {
-    "llava-1.5": _two(("visual.mm_projector.",)),
-    "llava-next": _two(("visual.mm_projector.", "visual.image_newline")),
-    "llava-uhd": _two(("visual.mm_projector.",)),
-    "llava-uhd-arxiv": _two(("visual.mm_projector.",)),
-    "llava-hr": {
-        "1": Stage("1", (("visual.mm_projector.", 1e-3), ("visual.vision_tower.align_stages.", 1e-3)),
-                   data="caption", template="plain", plan_options={"S": 384}, save_trainable_only=True),
-        "2": Stage("2", (("visual.", 2e-5), ("llm.", 2e-5)), plan_options={"S": 1024}),
-    },
-    "inf-llava": _two(("visual.mm_projector.", "visual.spatial_embed.")),
-    "slime": {
-        "1a": Stage("1a", (("visual.mm_projector.projection.", 1e-3),), data="caption", template="plain",
-                    visual={"mode": "global", "mm_projector.fixed_expert": 0, "selector_p": 1.0},
-                    save_trainable_only=True),
-        "1b": Stage("1b", (("visual.mm_projector.attn.", 1e-3),), data="caption", template="plain",
-                    visual={"mode": "global", "mm_projector.fixed_expert": 1, "selector_p": 1.0},
-                    save_trainable_only=True),
-        "2": Stage("2", (("visual.sampler.", 1e-3),), data="caption", template="plain",
-                   visual={"mode": "local", "selector_p": 1.0}, save_trainable_only=True),
-        "3": Stage("3", (("visual.mm_projector.", 2e-5), ("visual.sampler.", 2e-5), ("llm.", 2e-5)),
-                   visual={"mode": "both", "mm_projector.fixed_expert": None, "selector_p": 0.95}),
-    },
-}
-
+#: method → stage name → :class:`Stage` (``STAGES["slime"]["1a"]``), looked up through the specs
+STAGES: Mapping[str, Mapping[str, Stage]] = _Recipes()
 
 #: the vision encoders' parameters (ViT; LLaVA-HR's ViT and ConvNeXt)
 ENCODERS = ("visual.vit.", "visual.vision_tower.fast_vision_tower.", "visual.vision_tower.slow_vision_tower.")
@@ -96,24 +75,26 @@ ENCODERS = ("visual.vit.", "visual.vision_tower.fast_vision_tower.", "visual.vis
 GENERIC_STAGES = ("scratch", "frozen-encoders")
 
 
-def get_stage(method: str, name: str, lr: float | None = None) -> Stage:
-    """The stage ``name`` of ``method``. Besides the papers' stages: ``"scratch"`` trains
-    everything at ``lr`` (default 1e-3); ``"frozen-encoders"`` trains everything but the vision
-    encoders (for tiny models whose encoders were pretrained on their own, as the papers keep
-    CLIP frozen)."""
+def get_stage(method: Any, name: str, lr: float | None = None) -> Stage:
+    """The stage ``name`` of ``method`` (a registered name, a method file, a method-file dict or a
+    :class:`~hires_lmm.parts.MethodSpec`: its spec's recipe). Besides the papers' stages:
+    ``"scratch"`` trains everything at ``lr`` (default 1e-3); ``"frozen-encoders"`` trains
+    everything but the vision encoders (for tiny models whose encoders were pretrained on their
+    own, as the papers keep CLIP frozen). ``lr`` given: one rate for every group of the stage."""
     if name == "scratch":
         return Stage("scratch", ((ALL, lr if lr is not None else 1e-3),), visual={})
     if name == "frozen-encoders":
         return Stage(name, tuple((e, None) for e in ENCODERS) + ((ALL, lr if lr is not None else 1e-3),), visual={})
+    from ..parts import resolve_method
+
+    spec = resolve_method(method)  # PartError (a ValueError) for an unknown method or a bad file
+    recipe = spec.recipe()
     try:
-        stage = STAGES[method][name]
+        stage = recipe[name]
     except KeyError:
-        known = ", ".join(list(STAGES.get(method, {})) + list(GENERIC_STAGES))
-        raise ValueError(f"{method} has no stage {name!r}; its stages: {known}") from None
-    if lr is not None:  # one lr for every group of the stage
-        stage = Stage(stage.name, tuple((p, lr) for p, _ in stage.groups), stage.data, stage.template,
-                      stage.plan_options, stage.visual, stage.save_trainable_only)
-    return stage
+        known = ", ".join(list(recipe) + list(GENERIC_STAGES))
+        raise ValueError(f"{spec.name} has no stage {name!r}; its stages: {known}") from None
+    return stage.with_lr(lr) if lr is not None else stage
 
 
 def apply_stage(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:

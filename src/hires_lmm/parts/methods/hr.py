@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ...plan.types import Plan
 from ..options import Options
+from ..recipes import Stage
 from ..registry import BuildContext, Units, UnitShape, register_method, register_part
 from ..stages import EncoderPart
 from .llava import preset
@@ -57,7 +58,15 @@ class DualPathEncoderPart(EncoderPart):
         return Units(feats, [(g, g)] * len(views), ["image"] * len(views), [1] * len(views))
 
 
+# --- the preset ---------------------------------------------------------------------------------
+#: 1: S=384, projector + final fusion @1e-3 on captions (adapters frozen = identity) · 2: S=1024,
+#: everything (both encoders, adapters, fusion, projector, LLM) @2e-5
+LLAVA_HR_STAGES = {
+    "1": Stage("1", (("visual.mm_projector.", 1e-3), ("visual.vision_tower.align_stages.", 1e-3)),
+               data="caption", template="plain", plan_options={"S": 384}, save_trainable_only=True),
+    "2": Stage("2", (("visual.", 2e-5), ("llm.", 2e-5)), plan_options={"S": 1024}),
+}
 LLAVA_HR = register_method(preset("llava-hr", "llava-hr", encoder="convnext-vit", views_options={"S": 1024},
-                                  formats=("llava-hr",)))
+                                  formats=("llava-hr",), train_stages=LLAVA_HR_STAGES))
 
-__all__ = ["DualPathEncoderPart", "DualPathOptions", "LLAVA_HR"]
+__all__ = ["LLAVA_HR", "LLAVA_HR_STAGES", "DualPathEncoderPart", "DualPathOptions"]

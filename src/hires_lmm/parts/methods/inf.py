@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ...plan.types import Plan
 from ..options import Options
+from ..recipes import two_stage
 from ..registry import BuildContext, Units, UnitShape, register_method, register_part
 from ..stages import FusionPart
 from .llava import preset
@@ -55,6 +56,8 @@ class DEMFusion(FusionPart):
         return Units(merged, [units.grids[-1]] * B, ["image"] * B, [1] * B)
 
 
-INF_LLAVA = register_method(preset("inf-llava", "inf-llava", fusion="dem", formats=("inf-llava",)))
+# --- the preset: 1: projector + DEM @1e-3 (captions) · 2: + LLM @2e-5 ----------------------------
+INF_LLAVA = register_method(preset("inf-llava", "inf-llava", fusion="dem", formats=("inf-llava",),
+                                   train_stages=two_stage(("visual.mm_projector.", "visual.spatial_embed."))))
 
 __all__ = ["DEMFusion", "DEMOptions", "INF_LLAVA"]

@@ -3,6 +3,9 @@
 Parts: encoder ``vit``, fusion ``none``, compressor ``mlp`` (LLaVA's projector), layouts
 ``flat`` (concatenation) and ``anyres`` (NeXT's unpad + ``image_newline``, for any square token
 grid per tile: 24×24 projected patches or UHD's 12×12 resampled ones), selector ``none``.
+
+Recipes (:func:`~hires_lmm.parts.recipes.two_stage`): 1: projector (LLaVA-NeXT: + ``image_newline``)
+@1e-3 on captions · 2: the same + LLM @2e-5 on instructions.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ...plan.cost import mlp2x
 from ...plan.types import Plan, TokenGroup
 from ..batching import flat, run_grouped
 from ..options import Options, PartError
+from ..recipes import Stage, two_stage
 from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..spec import MethodSpec
 from ..stages import CompressorPart, EncoderPart, FusionPart, LayoutPart, Select, SelectorPart
@@ -31,12 +35,13 @@ ANY_STRUCTURE = frozenset(STRUCTURES.values()) | {"other"}
 
 def preset(name: str, views: str, *, encoder: str = "vit", fusion: str = "none", compressor: str = "mlp",
            layout: str = "flat", selector: str = "none", views_options: Mapping[str, Any] | None = None,
-           formats: tuple[str, ...] = ()) -> MethodSpec:
-    """A preset's spec (its training recipes are ``train.stages``' entry of the same name)."""
+           formats: tuple[str, ...] = (), train_stages: Mapping[str, Stage]) -> MethodSpec:
+    """A preset's spec with its paper's training stages (``recipes`` names the preset itself, so
+    a method file based on it inherits them)."""
     parts = {"views": views, "encoder": encoder, "fusion": fusion, "compressor": compressor,
              "layout": layout, "selector": selector}
     return MethodSpec(name, parts, {"views": dict(views_options)} if views_options else {}, recipes=name,
-                      formats=formats)
+                      formats=formats, train_stages=dict(train_stages))
 
 
 def _groups(pairs: Sequence[tuple[str, int]]) -> tuple[TokenGroup, ...]:
@@ -192,8 +197,11 @@ class AnyresLayout(LayoutPart):
         return out
 
 
-LLAVA15 = register_method(preset("llava-1.5", "llava-1.5", formats=("hf-llava", "llava")))
-LLAVA_NEXT = register_method(preset("llava-next", "llava-next", layout="anyres", formats=("hf-llava-next", "llava")))
+# --- the presets --------------------------------------------------------------------------------
+LLAVA15 = register_method(preset("llava-1.5", "llava-1.5", formats=("hf-llava", "llava"),
+                                 train_stages=two_stage(("visual.mm_projector.",))))
+LLAVA_NEXT = register_method(preset("llava-next", "llava-next", layout="anyres", formats=("hf-llava-next", "llava"),
+                                    train_stages=two_stage(("visual.mm_projector.", "visual.image_newline"))))
 
 __all__ = ["ANY_STRUCTURE", "AnyresLayout", "FlatLayout", "LLAVA15", "LLAVA_NEXT", "MLPCompressor", "NoFusion",
            "NoSelector", "ProjectorOptions", "VitEncoder", "preset"]

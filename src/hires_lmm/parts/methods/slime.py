@@ -17,6 +17,7 @@ from torch import Tensor
 from ...plan.cost import attention, dense, mlp2x
 from ...plan.types import Plan, TokenGroup
 from ..options import Options, PartError
+from ..recipes import Stage
 from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..stages import CompressorPart, LayoutPart, Select, SelectorPart
 from .llava import preset
@@ -165,7 +166,23 @@ class TextGuidedSelector(SelectorPart):
                                   variant=h.selector_variant)
 
 
+# --- the preset ---------------------------------------------------------------------------------
+#: 1a: global view only, the MLP expert @1e-3 · 1b: global only, the resampler expert (MLP frozen) ·
+#: 2: local tiles only, the compression resampler (all three on captions, selector off) ·
+#: 3: everything but CLIP @2e-5 on instructions, gate and selector active
+SLIME_STAGES = {
+    "1a": Stage("1a", (("visual.mm_projector.projection.", 1e-3),), data="caption", template="plain",
+                visual={"mode": "global", "mm_projector.fixed_expert": 0, "selector_p": 1.0},
+                save_trainable_only=True),
+    "1b": Stage("1b", (("visual.mm_projector.attn.", 1e-3),), data="caption", template="plain",
+                visual={"mode": "global", "mm_projector.fixed_expert": 1, "selector_p": 1.0},
+                save_trainable_only=True),
+    "2": Stage("2", (("visual.sampler.", 1e-3),), data="caption", template="plain",
+               visual={"mode": "local", "selector_p": 1.0}, save_trainable_only=True),
+    "3": Stage("3", (("visual.mm_projector.", 2e-5), ("visual.sampler.", 2e-5), ("llm.", 2e-5)),
+               visual={"mode": "both", "mm_projector.fixed_expert": None, "selector_p": 0.95}),
+}
 SLIME = register_method(preset("slime", "slime", compressor="slime", layout="slime", selector="text-guided",
-                               formats=("slime",)))
+                               formats=("slime",), train_stages=SLIME_STAGES))
 
-__all__ = ["SLIME", "SelectorOptions", "SlimeCompressor", "SlimeLayout", "SlimeOptions", "TextGuidedSelector"]
+__all__ = ["SLIME", "SLIME_STAGES", "SelectorOptions", "SlimeCompressor", "SlimeLayout", "SlimeOptions", "TextGuidedSelector"]

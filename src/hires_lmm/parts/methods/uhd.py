@@ -20,6 +20,7 @@ from ...plan.types import Plan, TokenGroup
 from ...plan.uhd import best_pooling_size
 from ..batching import run_grouped
 from ..options import Options, PartError
+from ..recipes import two_stage
 from ..registry import BuildContext, TokenShape, Units, UnitShape, register_method, register_part
 from ..stages import CompressorPart, LayoutPart, Select
 from .llava import preset
@@ -168,10 +169,11 @@ class SpatialSchema(LayoutPart):
         return out
 
 
+# --- the presets: 1: resampler @1e-3 (captions) · 2: resampler + LLM @2e-5 ----------------------
 LLAVA_UHD = register_method(preset("llava-uhd", "llava-uhd", compressor="uhd-spatial", layout="spatial",
-                                   formats=("llava-uhd",)))
+                                   formats=("llava-uhd",), train_stages=two_stage(("visual.mm_projector.",))))
 LLAVA_UHD_ARXIV = register_method(preset("llava-uhd-arxiv", "llava-uhd-arxiv", compressor="perceiver",
-                                         layout="spatial"))
+                                         layout="spatial", train_stages=two_stage(("visual.mm_projector.",))))
 
 __all__ = ["LLAVA_UHD", "LLAVA_UHD_ARXIV", "PerceiverOptions", "PerceiverPart", "SpatialOptions",
            "SpatialResamplerPart", "SpatialSchema"]
