@@ -289,3 +289,85 @@ def test_prepare_image_fast_path(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(big.read_bytes()[:3000])
     with pytest.raises(ImageLoadError):
         prepare_image(tmp_path / "cut.jpg", "llava-next", fast=True)
+
+
+# --- composed methods: the counts announced before encoding are the ones spliced -----------------
+
+#: the two composed methods of docs/adding-a-method.md (the selector kept whole, so its bound is exact)
+COMPOSED = {"next-uhd": {"base": "llava-next", "compressor": "uhd-spatial"},
+            "uhd-select": {"base": "llava-uhd", "selector": "text-guided", "selector_options": {"selector_p": 1.0}}}
+COMPOSED_SIZES = [(336, 336), (1000, 700), (300, 1200)]
+
+
+@pytest.fixture(scope="module")
+def composed_models() -> dict[str, HiresLMM]:
+    return {name: build_model(spec, tiny=True, seed=0) for name, spec in COMPOSED.items()}
+
+
+def _spliced(model: HiresLMM, inputs) -> list[int]:  # noqa: ANN001 - a BatchFeature
+    with torch.no_grad():
+        return model(**inputs).batch.num_visual_tokens
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+def test_composed_processor_counts_are_the_spliced_counts(composed_models, name, tmp_path):
+    """The processor's count (``num_visual_tokens``, ``_get_num_multimodal_tokens``), the model's
+    ``prepare_image`` plan (exact and fast) and the tensors' forward agree, with and without a
+    budget in ``plan_options``, for both composed methods of docs/adding-a-method.md."""
+    from hires_lmm.parts import spec_from_config
+    from hires_lmm.plan import plan_image
+    from hires_lmm.plan.budget import BudgetError
+
+    model = composed_models[name]
+    spec = spec_from_config(model.config)
+    text = "Look: <image>\nWhat is small?"
+    saved = model.config.plan_options
+    try:
+        for k, size in enumerate(COMPOSED_SIZES):
+            img = rand_image(size, k)
+            path = tmp_path / f"{k}.jpg"
+            img.save(path, quality=95)
+            full = spec.plan(size).num_visual_tokens
+            for budget in (None, full - 1):
+                model.config.plan_options = {**saved, **({} if budget is None else {"max_visual_tokens": budget})}
+                proc = model.processor()
+                try:
+                    announced = proc.num_visual_tokens([size])[0]
+                except BudgetError:  # a budget below the smallest configuration: refused by all alike
+                    with pytest.raises(BudgetError):
+                        model.prepare_image(img)
+                    continue
+                assert announced == spec.plan(size, **model.config.plan_options).num_visual_tokens
+                if budget is not None:
+                    assert announced <= budget
+                mm = proc._get_num_multimodal_tokens(image_sizes=[(size[1], size[0])])
+                assert mm["num_image_tokens"] == [announced]
+                # the processor's tensors through the model's forward
+                assert _spliced(model, proc(text=[text], images=[img])) == [announced], (name, size, budget)
+                # the list interface, exact and fast pixels
+                for im in (model.prepare_image(img), model.prepare_image(path, fast=True), model.prepare_image(path)):
+                    assert im.plan.num_visual_tokens == announced
+                    assert mm["num_image_patches"] == [len(im.plan.views)]
+                    with torch.no_grad():
+                        out = model([ids_of(model, text)], [[im]])
+                    assert out.batch.num_visual_tokens == [announced]
+                # a per-call budget is the same as the config's
+                if budget is not None:
+                    model.config.plan_options = dict(saved)
+                    assert model.prepare_image(img, max_visual_tokens=budget).plan == model.plan(size, max_visual_tokens=budget)
+                    assert model.processor().num_visual_tokens([size]) != [announced] or announced == full
+        if name == "next-uhd":
+            # the planner alone counts LLaVA-NeXT's projector tokens: its budget would refuse this one
+            with pytest.raises(BudgetError):
+                plan_image("llava-next", (1000, 700), max_visual_tokens=spec.plan((1000, 700)).num_visual_tokens)
+    finally:
+        model.config.plan_options = saved
+
+
+def test_composed_selector_splices_within_the_announced_bound():
+    model = build_model({"base": "llava-uhd", "selector": "text-guided"}, tiny=True, seed=0)
+    proc = model.processor()
+    img = rand_image((1000, 700), 3)
+    announced = proc.num_visual_tokens([img])[0]
+    n = _spliced(model, proc(text=["Look: <image>\nWhat is small?"], images=[img]))[0]
+    assert 0 < n <= announced == model.prepare_image(img).plan.num_visual_tokens

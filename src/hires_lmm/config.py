@@ -27,14 +27,19 @@ class HiresConfig(PretrainedConfig):
         connector: method-specific connector hyper-parameters (queries, heads, variants).
         text_config: the LLM's Hugging Face config as a dict.
         image_token: the text placeholder replaced by an image's visual tokens.
+        method_spec: a composed method's method-file form with every option written out
+            (:mod:`hires_lmm.parts.configs`); None for a preset (and then not written to config.json).
     """
 
     model_type = "hires_lmm"
+    #: a preset's (the class default, so config.json has no ``method_spec`` key)
+    method_spec: dict[str, Any] | None = None
 
     def __init__(self, method: str = "llava-1.5", plan_options: dict[str, Any] | None = None,
                  vision_config: dict[str, Any] | None = None, select_layer: int = -2,
                  convnext_config: dict[str, Any] | None = None, connector: dict[str, Any] | None = None,
-                 text_config: dict[str, Any] | None = None, image_token: str = "<image>", **kwargs: Any) -> None:
+                 text_config: dict[str, Any] | None = None, image_token: str = "<image>",
+                 method_spec: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.method = method
@@ -45,6 +50,8 @@ class HiresConfig(PretrainedConfig):
         self.connector = dict(connector or {})
         self.text_config = dict(text_config or {})
         self.image_token = image_token
+        if method_spec:  # kept as given (a malformed one is refused, named, when the model is built)
+            self.method_spec = method_spec
         super().__init__(**kwargs)
 
     def llm_config(self) -> PretrainedConfig:

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -52,8 +51,9 @@ from .compat import CACHE_FIELD, cache_kwargs, output_cache
 from .config import HiresConfig
 from .errors import ModelLoadError, one_line
 from .image import DEFAULT_MAX_PIXELS
-from .plan import Plan, plan_image
-from .processing import ImageInput, prepare_image, unpack_images
+from .image.load import ImageSource
+from .plan import Plan
+from .processing import ImageInput, plan_for, prepare_image, unpack_images
 from .text import ensure_image_token, separator_id
 
 IGNORE_INDEX = -100
@@ -208,23 +208,26 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         """The plan of an image of ``size`` = (width, height), with the token count this model's
         forward splices for it: a composed method's (``config.method_spec``, e.g. LLaVA-NeXT's
         views through UHD's spatial resampler) is its parts' count
-        (:meth:`hires_lmm.parts.MethodSpec.plan`), a preset's the planner's plan unchanged.
+        (:meth:`hires_lmm.parts.MethodSpec.plan`), a preset's the planner's plan unchanged
+        (:func:`hires_lmm.processing.plan_for`).
 
         ``plan_options`` override the config's ``plan_options`` for this call (e.g. a request's
         ``max_visual_tokens``); a budget no plan fits raises
         :class:`~hires_lmm.plan.budget.BudgetError`.
         """
-        options = {**(self.config.plan_options or {}), **plan_options}
-        if getattr(self.config, "method_spec", None):
-            from .parts import spec_from_config
+        return plan_for(self.config.method, size, self._plan_options(plan_options), self.config.method_spec)
 
-            return spec_from_config(self.config).plan(size, **options)
-        return plan_image(self.config.method, size, **options)
+    def _plan_options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        return {**(self.config.plan_options or {}), **overrides}
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike | bytes, *, fast: bool = False,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:
-        """Load (safely), plan and render one image (``fast``: see :func:`prepare_image`)."""
-        return prepare_image(image, self.config.method, self.config.plan_options, fast=fast, max_pixels=max_pixels)
+    def prepare_image(self, image: ImageSource, *, fast: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      **plan_options: Any) -> ImageInput:
+        """Load (safely), plan and render one image (``fast``: see :func:`prepare_image`) as this
+        model's forward expects it: planned by :meth:`plan` (a composed method through its parts,
+        so the plan's ``num_visual_tokens`` is the count spliced, and a budget the composed
+        count's); ``plan_options`` override the config's for this image (``max_visual_tokens``)."""
+        return prepare_image(image, self.config.method, self._plan_options(plan_options), fast=fast,
+                             max_pixels=max_pixels, method_spec=self.config.method_spec)
 
     def encode_images(self, images: Sequence[ImageInput], text_embeds: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Visual token sequences, one ``(n_i, D)`` tensor per image (all views encoded together)."""
@@ -385,7 +388,7 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
             labs = [lab[b][keep[b]] for b in range(ids.shape[0])]
         left = for_cache or (bool(keep[:, -1].all()) and not bool(keep[:, 0].all()))
         images = unpack_images(pixel_values, view_sizes, image_sizes, self.config.method, self.config.plan_options,
-                               ids.shape[0])
+                               ids.shape[0], method_spec=self.config.method_spec)
         batch = self.build_inputs(rows, images, labs, padding_side="left" if left else "right")
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)

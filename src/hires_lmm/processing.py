@@ -24,9 +24,10 @@ content lists (``{"type": "image"}``, ``{"type": "image_url", ...}``, ``{"type":
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ from transformers.processing_utils import ProcessorMixin
 
 from .errors import HiresError, one_line
 from .image import DEFAULT_MAX_PIXELS, load_image
+from .image.load import ImageSource, image_size
 from .image.render import load_and_render, render
+from .parts import MethodSpec, spec_from_dict
 from .plan import METHODS, Plan, plan_image
 from .text import IMAGE_TOKEN
 
@@ -60,9 +63,47 @@ class ImageInput:
     views: list[torch.Tensor]
 
 
-def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
-                  plan_options: dict[str, Any] | None = None, *, fast: bool = False,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInput:
+#: a composed method as the model config records it (its method-file form), or the spec itself
+MethodSpecLike = MethodSpec | Mapping[str, Any]
+
+
+def method_spec_of(method_spec: MethodSpecLike | None, plan_options: Mapping[str, Any] | None = None) -> MethodSpec | None:
+    """The :class:`~hires_lmm.parts.MethodSpec` of a composed method (None for a preset: no
+    ``method_spec``), its views options replaced by ``plan_options`` as
+    :func:`hires_lmm.parts.spec_from_config` does (training stages update the config's
+    ``plan_options``, not the saved spec)."""
+    if method_spec is None or (isinstance(method_spec, Mapping) and not method_spec):
+        return None
+    spec = method_spec if isinstance(method_spec, MethodSpec) else spec_from_dict(method_spec)
+    if plan_options is not None:
+        spec = dataclasses.replace(spec, options={**spec.options, "views": dict(plan_options)})
+    return spec
+
+
+def plan_for(method: str, size: tuple[int, int], plan_options: Mapping[str, Any] | None = None,
+             method_spec: MethodSpecLike | None = None) -> Plan:
+    """The plan of an image of ``size`` = (width, height) with the token count the model splices:
+    the planner's plan of ``method`` for a preset; for a composed method (``method_spec``, e.g.
+    LLaVA-NeXT's tiles through UHD's spatial resampler) its parts' plan
+    (:meth:`hires_lmm.parts.MethodSpec.plan`), whose budget (``max_visual_tokens``) applies to the
+    composed count and may choose other views than the planner alone would."""
+    spec = method_spec_of(method_spec, plan_options)
+    if spec is None:
+        return plan_image(method, size, **(plan_options or {}))
+    return spec.plan(size)
+
+
+def _planner_options(plan: Plan, plan_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Planner options that plan the views of a composed method's ``plan``: under a budget, the
+    configuration the composed count chose (``extra["budget_choice"]``), planned unbudgeted."""
+    choice = plan.extra.get("budget_choice")
+    if "max_visual_tokens" not in plan.extra or not isinstance(choice, Mapping):
+        return dict(plan_options)
+    return {**plan_options, "max_visual_tokens": None, **choice}
+
+
+def prepare_image(image: ImageSource, method: str, plan_options: dict[str, Any] | None = None, *, fast: bool = False,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, method_spec: MethodSpecLike | None = None) -> ImageInput:
     """Load (safely), plan and render one image for ``method`` — no model needed, so data-loader
     workers can do it.
 
@@ -70,12 +111,29 @@ def prepare_image(image: Image.Image | str | os.PathLike | bytes, method: str,
     than the full resolution (:func:`~hires_lmm.image.render.load_and_render`: 2-4x faster on
     large JPEGs, within a few grey levels of the exact pixels); the default renders the exact
     pixels the reference code sees. ``max_pixels`` is the decompression-bomb limit.
+
+    ``method_spec`` (a composed method: the model config's ``method_spec``) plans through the
+    method's parts (:func:`plan_for`): the plan carries the count the model splices, and a budget
+    in ``plan_options`` renders the views its composed count chose.
     """
+    spec = method_spec_of(method_spec, plan_options or {})
+    if spec is None:
+        if fast and not isinstance(image, Image.Image):
+            plan, views = load_and_render(image, method, plan_options, max_pixels=max_pixels)
+            return ImageInput(plan, views)
+        img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image, max_pixels=max_pixels)
+        plan = plan_image(method, img.size, **(plan_options or {}))
+        return ImageInput(plan, render(img, plan))
     if fast and not isinstance(image, Image.Image):
-        plan, views = load_and_render(image, method, plan_options, max_pixels=max_pixels)
-        return ImageInput(plan, views)
+        if not isinstance(image, (str, os.PathLike, bytes, bytearray)):
+            image = image.read()  # a stream is read twice: the header, then the pixels
+        plan = spec.plan(image_size(image, max_pixels=max_pixels))
+        planned, views = load_and_render(image, spec.parts["views"], _planner_options(plan, plan_options or {}),
+                                         max_pixels=max_pixels)
+        if planned.views == plan.views and planned.canvases == plan.canvases:
+            return ImageInput(plan, views)
     img = image if isinstance(image, Image.Image) and image.mode == "RGB" else load_image(image, max_pixels=max_pixels)
-    plan = plan_image(method, img.size, **(plan_options or {}))
+    plan = spec.plan(img.size)
     return ImageInput(plan, render(img, plan))
 
 
@@ -107,10 +165,10 @@ def pack_images(samples: Sequence[Sequence[ImageInput]]) -> dict[str, torch.Tens
 
 def unpack_images(pixel_values: torch.Tensor | None, view_sizes: torch.Tensor | None,
                   image_sizes: torch.Tensor | None, method: str, plan_options: dict[str, Any] | None,
-                  batch_size: int) -> list[list[ImageInput]]:
+                  batch_size: int, *, method_spec: MethodSpecLike | None = None) -> list[list[ImageInput]]:
     """The inverse of :func:`pack_images`: per sample its :class:`ImageInput` s, each re-planned
-    from its size (``method`` / ``plan_options`` must be those the pixels were prepared with; a
-    view whose size differs from the plan's is refused)."""
+    from its size (``method`` / ``plan_options`` / ``method_spec`` must be those the pixels were
+    prepared with, see :func:`plan_for`; a view whose size differs from the plan's is refused)."""
     if pixel_values is None:
         return [[] for _ in range(batch_size)]
     if view_sizes is None or image_sizes is None:
@@ -121,19 +179,22 @@ def unpack_images(pixel_values: torch.Tensor | None, view_sizes: torch.Tensor | 
     if pixel_values.shape[0] != batch_size:
         raise ProcessorInputError(f"pixel_values hold {pixel_values.shape[0]} samples but input_ids {batch_size}")
     sizes, vsizes = image_sizes.tolist(), view_sizes.tolist()  # one device sync for all of them
+    spec = method_spec_of(method_spec, plan_options or {})
+    name = spec.name if spec is not None else method
     out: list[list[ImageInput]] = []
     for b in range(batch_size):
         sample, k = [], 0
         for h, w in sizes[b]:
             if h <= 0 or w <= 0:
                 continue
-            plan = plan_image(method, (int(w), int(h)), **(plan_options or {}))
+            size = (int(w), int(h))
+            plan = spec.plan(size) if spec is not None else plan_image(method, size, **(plan_options or {}))
             views = []
             for view in plan.views:
                 vh, vw = vsizes[b][k] if k < len(vsizes[b]) else (0, 0)
                 if (vw, vh) != tuple(view.size):
                     raise ProcessorInputError(
-                        f"sample {b}: view {k} is {vw}x{vh} but {method}'s plan of a {w}x{h} image has a "
+                        f"sample {b}: view {k} is {vw}x{vh} but {name}'s plan of a {w}x{h} image has a "
                         f"{view.size[0]}x{view.size[1]} {view.role} view; pixel_values were prepared for another "
                         "method or other plan options")
                 views.append(pixel_values[b, k, :, :vh, :vw])
@@ -172,34 +233,36 @@ class HiresImageProcessor(BaseImageProcessor):
         self.max_pixels = max_pixels
         self.method_spec = dict(method_spec) if method_spec else None
 
-    def plan(self, size: tuple[int, int]) -> Plan:
-        """The plan of an image of ``size`` = (width, height)."""
-        return plan_image(self.method, size, **self.plan_options)
+    @property
+    def spec(self) -> MethodSpec | None:
+        """The composed method's :class:`~hires_lmm.parts.MethodSpec` (None for a preset), its
+        views options :attr:`plan_options`."""
+        return method_spec_of(self.method_spec, self.plan_options)
+
+    def plan(self, size: tuple[int, int], **plan_options: Any) -> Plan:
+        """The plan of an image of ``size`` = (width, height), with the token count the model
+        splices (:func:`plan_for`: the parts' plan for a composed method, ``method_spec``).
+        ``plan_options`` override :attr:`plan_options` (e.g. ``max_visual_tokens``)."""
+        return plan_for(self.method, size, {**self.plan_options, **plan_options}, self.method_spec)
 
     def count_plan(self, size: tuple[int, int], **plan_options: Any) -> Plan:
-        """The plan with the token count the model splices: :meth:`plan` for a preset; for a
-        composed method (``method_spec``) the parts' plan (:meth:`hires_lmm.parts.MethodSpec.plan`,
-        same views, its compressor's count). ``plan_options`` override :attr:`plan_options`."""
-        options = {**self.plan_options, **plan_options}
-        if self.method_spec:
-            from .parts import spec_from_dict
-
-            spec = spec_from_dict(self.method_spec)
-            return spec.plan(size, **options)
-        return plan_image(self.method, size, **options)
+        """:meth:`plan` (its older name)."""
+        return self.plan(size, **plan_options)
 
     def num_visual_tokens(self, size: tuple[int, int], **plan_options: Any) -> int:
         """Visual tokens of an image of ``size`` = (width, height), in closed form before encoding
         (SliME: the bound before its text-guided selector drops local tokens; a composed method:
-        its parts' count, see :meth:`count_plan`)."""
-        return int(self.count_plan(size, **plan_options).num_visual_tokens)
+        its parts' count, see :meth:`plan`)."""
+        return int(self.plan(size, **plan_options).num_visual_tokens)
 
-    def prepare(self, image: Any, *, fast: bool | None = None) -> ImageInput:
-        """One image (PIL image, path, bytes or data URL) → :class:`ImageInput`."""
+    def prepare(self, image: Any, *, fast: bool | None = None, **plan_options: Any) -> ImageInput:
+        """One image (PIL image, path, bytes or data URL) → :class:`ImageInput` (``plan_options``
+        override :attr:`plan_options`, e.g. a request's ``max_visual_tokens``)."""
         if isinstance(image, ImageInput):
             return image
-        return prepare_image(image, self.method, self.plan_options,
-                             fast=self.fast_decode if fast is None else fast, max_pixels=self.max_pixels)
+        return prepare_image(image, self.method, {**self.plan_options, **plan_options},
+                             fast=self.fast_decode if fast is None else fast, max_pixels=self.max_pixels,
+                             method_spec=self.method_spec)
 
     def __call__(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, return_tensors=return_tensors, **kwargs)
@@ -444,7 +507,7 @@ class HiresProcessor(ProcessorMixin):
 
         data: dict[str, list[int]] = {}
         if image_sizes is not None:
-            plans = [self.image_processor.count_plan((int(w), int(h))) for h, w in image_sizes]
+            plans = [self.image_processor.plan((int(w), int(h))) for h, w in image_sizes]
             data = {"num_image_tokens": [int(p.num_visual_tokens) for p in plans],
                     "num_image_patches": [len(p.views) for p in plans]}
         return MultiModalData(**data)
@@ -498,7 +561,8 @@ class HiresProcessor(ProcessorMixin):
 
 
 __all__ = ["CHAT_TEMPLATES", "HiresImageProcessor", "HiresProcessor", "ImageInput", "ProcessorInputError",
-           "pack_images", "prepare_image", "reference_template_name", "unpack_images"]
+           "MethodSpecLike", "method_spec_of", "pack_images", "plan_for", "prepare_image", "reference_template_name",
+           "unpack_images"]
 
 
 from . import auto as _auto  # noqa: E402 - registration deferred while this module was importing
