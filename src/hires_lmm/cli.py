@@ -242,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         allow_changed=tuple(f.strip().replace("-", "_") for f in args.allow_changed.split(",") if f.strip()),
         group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
         gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-        progress=not args.no_progress, connector=connector)
+        max_visual_tokens=args.max_visual_tokens, progress=not args.no_progress, connector=connector)
     try:
         res = train(cfg)
     except (TrainingError, DataError, FileNotFoundError) as e:
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int, default=0)
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    t.add_argument("--max-visual-tokens", type=_budget, metavar="B", help="visual-token budget: every image is "
+                   "planned within B tokens (saved in the model's plan_options); a record that cannot be is a bad record")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -21,7 +21,6 @@ overridden; a requested engine that is not what ends up active stops the run bef
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -34,9 +33,10 @@ from typing import Any
 
 import torch
 
-from ..model import HiresLMM, prepare_image
+from ..model import HiresLMM
+from ..plan.budget import BudgetError, check_budget
 from . import checkpoint as ckpt_io
-from .batches import GlobalBatches
+from .batches import GlobalBatches, ImagePlanner, count_lengths
 from .distributed import Engine, setup
 from .errors import CheckpointError, ConfigMismatchError, TrainingError, one_line
 from .resume import OVERRIDABLE, check_same_data, check_same_run, data_fingerprint, truncate_metrics
@@ -87,6 +87,8 @@ class TrainConfig:
     num_workers: int = 0
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
+    #: the visual-token budget every image is planned within (``plan_options["max_visual_tokens"]``)
+    max_visual_tokens: int | None = None
     log_steps: int = 1
     progress: bool = True
     connector: dict[str, Any] | None = None
@@ -150,6 +152,11 @@ def _argument_problems(cfg: TrainConfig) -> list[str]:
     if unknown is None or unknown:
         problems.append(f"allow_changed {unknown if unknown else cfg.allow_changed!r} not allowed: a resumed run "
                         f"may change only {', '.join(sorted(OVERRIDABLE))}")
+    if cfg.max_visual_tokens is not None:
+        try:
+            check_budget(cfg.max_visual_tokens)
+        except BudgetError as e:
+            problems.append(one_line(e))
     if cfg.connector is not None and not isinstance(cfg.connector, dict):
         problems.append(f"connector must be a dict of connector options, got {type(cfg.connector).__name__}")
     try:
@@ -253,6 +260,8 @@ def _model_for_stage(cfg: TrainConfig, engine: Engine, *, for_training: bool = T
     chat template."""
     with engine.building():
         model = _build_model(cfg)
+    if cfg.max_visual_tokens is not None:  # saved in config.json: the trained model plans within it
+        model.config.plan_options = {**(model.config.plan_options or {}), "max_visual_tokens": cfg.max_visual_tokens}
     stage, groups = _apply_stage(model, cfg)
     if for_training and (cfg.gradient_checkpointing or engine.activation_checkpointing):
         # transformers >= 5.x renamed it (the old name warns and goes in v6)
@@ -276,27 +285,41 @@ def _template(cfg: TrainConfig, stage: Stage) -> Any:
 
 
 def _load_and_validate(cfg: TrainConfig, model: HiresLMM, template: Any, main: bool) -> tuple[list[Any], list[int], int]:
-    """The usable records, their lengths and how many were skipped (``--skip-bad``)."""
-    from ..data.records import DataError, load_records, validate
+    """The usable records, their lengths and how many were skipped (``--skip-bad``).
+
+    Records are validated (structure, images, template) without counting visual tokens; their
+    lengths are then counted by the model's own planning (:func:`~.batches.count_lengths`: a
+    composed method's compressed count, within the model's ``max_visual_tokens``). A record over
+    ``max_length``, or with an image no plan fits the budget for, is a bad record."""
+    from ..data.records import DataError, ValidationReport, load_records, validate
 
     try:
         records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
         report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                          max_length=cfg.max_length, method=cfg.method, plan_options=model.config.plan_options,
-                          progress=cfg.progress and main)
+                          max_length=None, method=None, progress=cfg.progress and main)
+        counted = count_lengths(report.ok_records, report.lengths, image_folder=cfg.image_folder,
+                                planner=ImagePlanner.of(model), max_length=cfg.max_length)
     except DataError:
         raise
     except OSError as e:  # a directory, no permission, an I/O error
         raise TrainingError(f"cannot read the training data {cfg.data_path}: {one_line(e)}") from None
-    if report.problems:
+    order = {(r.id, r.source): k for k, r in enumerate(records)}
+    problems = sorted(report.problems + counted.problems, key=lambda p: order.get((p.record_id, p.source), 0))
+    usable = [(r, n) for r, n in zip(report.ok_records, counted.lengths) if n is not None]
+    if problems:
+        full = ValidationReport(problems, [r for r, _ in usable], [n for _, n in usable], report.num_records)
         if not cfg.skip_bad:
-            report.raise_if_bad()
-        records = report.ok_records
+            if len(problems) == len(counted.budget_problems):  # only the budget: one line naming a record
+                bad = full.num_bad
+                raise TrainingError(f"{problems[0]}; {bad} of {report.num_records} record(s) cannot be planned within "
+                                    f"max_visual_tokens={model.config.plan_options.get('max_visual_tokens')} "
+                                    "(pass --skip-bad to skip them, or a larger --max-visual-tokens)")
+            full.raise_if_bad()
         if main:
-            print(f"skipping {report.num_bad} bad record(s) (--skip-bad); first: {report.problems[0]}")
-    if not records:
+            print(f"skipping {full.num_bad} bad record(s) (--skip-bad); first: {problems[0]}")
+    if not usable:
         raise TrainingError("no usable records to train on")
-    return records, report.lengths, report.num_bad
+    return [r for r, _ in usable], [n for _, n in usable], (full.num_bad if problems else 0)
 
 
 # --- output directory, resumption ----------------------------------------------------------------
@@ -448,9 +471,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if saved is not None:
         check_same_data(saved.get("data"), fingerprint, str(resume_from))
     # images are loaded, planned and rendered in the DataLoader (workers when --num-workers > 0)
-    prepare = functools.partial(prepare_image, method=cfg.method, plan_options=dict(model.config.plan_options))
     dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                           model_prepare=prepare, method=cfg.method, plan_options=model.config.plan_options,
+                           model_prepare=ImagePlanner.of(model).prepare, method=cfg.method, plan_options=model.config.plan_options,
                            lengths=lengths)
     plan = GlobalBatches(dataset.lengths(), cfg.batch_size, world=accelerator.num_processes,
                          rank=accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
