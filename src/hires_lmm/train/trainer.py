@@ -27,9 +27,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -449,163 +450,288 @@ class TrainResult:
     skipped_records: int = 0
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run one training stage (see the module docstring)."""
-    from accelerate.utils import set_seed
+# --- the run, phase by phase ---------------------------------------------------------------------
 
-    from ..data.dataset import LlavaDataset, collate
+@dataclass
+class _Run:
+    """What every phase of :func:`train` shares: the arguments, the engine and this process."""
 
-    check_config(cfg)
-    engine = setup(cfg.grad_accum, cfg.mixed_precision)  # what the launch asked for, checked
-    accelerator = engine.accelerator
-    main = accelerator.is_main_process
-    procs = ckpt_io.Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
-    out = _prepare_output(cfg) if main else Path(cfg.output_dir)
-    accelerator.wait_for_everyone()
-    resume_from, saved = _resume_point(cfg, out, procs)  # before anything is built: refuse early
-    set_seed(cfg.seed)
+    cfg: TrainConfig
+    engine: Engine
+    accelerator: Any
+    procs: ckpt_io.Processes
+    out: Path
+    resume_from: Path | None  # the checkpoint ``--resume`` continues from
+    saved: dict[str, Any] | None  # its trainer state
 
-    model, stage, groups, template = _model_for_stage(cfg, engine)
-    records, lengths, skipped = _load_and_validate(cfg, model, template, main)
-    fingerprint = data_fingerprint(records, lengths)
-    if saved is not None:
-        check_same_data(saved.get("data"), fingerprint, str(resume_from))
-    # images are loaded, planned and rendered in the DataLoader (workers when --num-workers > 0)
-    dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                           model_prepare=ImagePlanner.of(model).prepare, method=cfg.method, plan_options=model.config.plan_options,
-                           lengths=lengths)
-    plan = GlobalBatches(dataset.lengths(), cfg.batch_size, world=accelerator.num_processes,
-                         rank=accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
-                         group_by_length=cfg.group_by_length)
-    steps_per_epoch = plan.steps_per_epoch()
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
 
-    schedule = SCHEDULES[cfg.lr_schedule]
 
-    def make_optimizer(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+@dataclass
+class _Data:
+    """The records to train on, their dataset and the global batches cut from them."""
 
-    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    dataset: Any  # LlavaDataset
+    batches: GlobalBatches
+    fingerprint: dict[str, Any]
+    skipped: int
+    steps_per_epoch: int
+    total: int  # optimizer steps of the run
+    warmup: int
+
+
+class _Optimization:
+    """AdamW with the run's weight decay and the learning-rate schedule over ``total`` steps;
+    built twice on a resume (a probe the checkpoint is checked against, then the live one)."""
+
+    def __init__(self, cfg: TrainConfig, total: int, warmup: int) -> None:
+        self.weight_decay, self.schedule = cfg.weight_decay, SCHEDULES[cfg.lr_schedule]
+        self.total, self.warmup = total, warmup
+
+    def optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups, weight_decay=self.weight_decay)
+
+    def scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        schedule, total, warmup = self.schedule, self.total, self.warmup
+        # a lambda, as before: LambdaLR saves the state of callable objects, not of functions
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, warmup))
 
-    restored = None
-    if resume_from is not None:
-        # every file checked against the unsharded model and a probe optimizer of the same
-        # construction; the model's weights go into the plain model, which is then sharded
-        probe = make_optimizer([dict(g) for g in groups])
-        restored = ckpt_io.read_checked(resume_from, ckpt_io.Parts(model, probe, make_scheduler(probe),
-                                                                   accelerator.scaler), procs)
-        del probe
-    model.train()
-    ddp_model, optimizer, torch_optimizer = engine.prepare(model, groups, make_optimizer, micro_batch=cfg.batch_size,
-                                                           max_grad_norm=cfg.max_grad_norm)
+
+@dataclass
+class _Live:
+    """The prepared (wrapped, possibly sharded) model and its optimisation, as the loop drives them."""
+
+    model: Any  # the engine's wrapper of the model (DDP, FSDP, DeepSpeed) or the model
+    optimizer: Any  # accelerate's wrapper of the optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    parts: ckpt_io.Parts  # what a checkpoint saves
+    clip_params: list[torch.nn.Parameter]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one training stage (see the module docstring): the phases below, in order."""
+    check_config(cfg)
+    run = _start(cfg)
+    model, stage, groups, template = _model_for_stage(cfg, run.engine)
+    data = _load_data(run, model, template)
+    optimization = _Optimization(cfg, data.total, data.warmup)
+    restored = _read_checkpoint(run, model, groups, optimization)
+    live = _prepare(run, model, groups, optimization)
     del groups  # FSDP replaced the parameters: the engine knows the live ones
-    # the scheduler is not prepared: accelerate would step it once per process per step
-    scheduler = make_scheduler(torch_optimizer)
-    parts = engine.parts(scheduler, accelerator.scaler)
-    clip_params = engine.trainable_parameters()
+    state = _restore_position(run, restored, live, data.steps_per_epoch)
+    _record_start(run, state)
+    last_loss, stopped_by = _loop(run, data, live, stage, state)
+    if stopped_by:
+        if run.main:
+            print(f"stopped by {stopped_by} at step {state['step']}; checkpoint saved — continue with --resume")
+        return TrainResult(state["step"], last_loss, str(run.out), stopped_by, data.skipped)
+    _finish(run, live, stage)
+    return TrainResult(state["step"], last_loss, str(run.out), None, data.skipped)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if restored is not None:
-        pos = _position(restored.state, resume_from, steps_per_epoch)
-        ckpt_io.apply_rest(restored, parts, procs)
-        accelerator.step = pos.pop("accelerator_step")
-        state = pos
-        if main:
-            print(f"resumed from {resume_from} at step {state['step']}")
-    elif cfg.resume and main:
-        print(f"--resume: no checkpoint in {out / CKPT_DIR}, starting from step 0")
-    if main:
-        if cfg.resume:  # the steps after the checkpoint are trained again: their old lines go
-            truncate_metrics(out / METRICS_FILE, state["step"])
-        try:
-            _write_json_atomic(out / CONFIG_FILE, asdict(cfg))
-        except OSError as e:
-            raise TrainingError(f"cannot write {out / CONFIG_FILE}: {one_line(e)}") from None
 
-    metrics = _open_metrics(out) if main else None
+def _start(cfg: TrainConfig) -> _Run:
+    """The accelerator and this process's place (what the launch asked for, checked), the output
+    directory (made by the main process), the checkpoint to resume from (refused early, before
+    anything is built, when the arguments differ) and the seed."""
+    from accelerate.utils import set_seed
+
+    engine = setup(cfg.grad_accum, cfg.mixed_precision)
+    accelerator = engine.accelerator
+    procs = ckpt_io.Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    out = _prepare_output(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    resume_from, saved = _resume_point(cfg, out, procs)
+    set_seed(cfg.seed)
+    return _Run(cfg, engine, accelerator, procs, out, resume_from, saved)
+
+
+def _load_data(run: _Run, model: HiresLMM, template: Any) -> _Data:
+    """The validated records (the same as the resumed run's), their dataset (images loaded,
+    planned and rendered in the DataLoader: workers when ``--num-workers`` > 0), this rank's
+    global batches and the run's length in steps."""
+    from ..data.dataset import LlavaDataset
+
+    cfg = run.cfg
+    records, lengths, skipped = _load_and_validate(cfg, model, template, run.main)
+    fingerprint = data_fingerprint(records, lengths)
+    if run.saved is not None:
+        check_same_data(run.saved.get("data"), fingerprint, str(run.resume_from))
+    dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
+                           model_prepare=ImagePlanner.of(model).prepare, method=cfg.method,
+                           plan_options=model.config.plan_options, lengths=lengths)
+    batches = GlobalBatches(dataset.lengths(), cfg.batch_size, world=run.accelerator.num_processes,
+                            rank=run.accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
+                            group_by_length=cfg.group_by_length)
+    steps_per_epoch = batches.steps_per_epoch()
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return _Data(dataset, batches, fingerprint, skipped, steps_per_epoch, total, int(cfg.warmup_ratio * total))
+
+
+def _read_checkpoint(run: _Run, model: HiresLMM, groups: list[dict[str, Any]],
+                     optimization: _Optimization) -> ckpt_io.Restored | None:
+    """With a checkpoint to resume from: every file checked against the unsharded model and a
+    probe optimizer of the same construction; the model's weights go into the plain model,
+    which is then sharded (:func:`_prepare`)."""
+    if run.resume_from is None:
+        return None
+    probe = optimization.optimizer([dict(g) for g in groups])
+    return ckpt_io.read_checked(run.resume_from, ckpt_io.Parts(model, probe, optimization.scheduler(probe),
+                                                               run.accelerator.scaler), run.procs)
+
+
+def _prepare(run: _Run, model: HiresLMM, groups: list[dict[str, Any]], optimization: _Optimization) -> _Live:
+    """The model in training mode, wrapped (and sharded) by the engine with its optimizer; the
+    scheduler is not prepared (accelerate would step it once per process per step)."""
+    cfg, engine = run.cfg, run.engine
+    model.train()
+    ddp_model, optimizer, torch_optimizer = engine.prepare(model, groups, optimization.optimizer,
+                                                           micro_batch=cfg.batch_size, max_grad_norm=cfg.max_grad_norm)
+    scheduler = optimization.scheduler(torch_optimizer)
+    return _Live(ddp_model, optimizer, scheduler, engine.parts(scheduler, run.accelerator.scaler),
+                 engine.trainable_parameters())
+
+
+def _restore_position(run: _Run, restored: ckpt_io.Restored | None, live: _Live, steps_per_epoch: int) -> dict[str, int]:
+    """The data position to start from: step 0, or the checkpoint's (its optimizer state,
+    schedule, RNG states and accelerate's micro-step counter given to the live parts)."""
+    if restored is None:
+        if run.cfg.resume and run.main:
+            print(f"--resume: no checkpoint in {run.out / CKPT_DIR}, starting from step 0")
+        return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    assert run.resume_from is not None  # restored from it
+    pos = _position(restored.state, run.resume_from, steps_per_epoch)
+    ckpt_io.apply_rest(restored, live.parts, run.procs)
+    run.accelerator.step = pos.pop("accelerator_step")
+    if run.main:
+        print(f"resumed from {run.resume_from} at step {pos['step']}")
+    return pos
+
+
+def _record_start(run: _Run, state: dict[str, int]) -> None:
+    """On the main process: ``metrics.jsonl`` cut back to the starting step (the steps after the
+    checkpoint are trained again: their old lines go) and ``train_config.json`` written."""
+    if not run.main:
+        return
+    if run.cfg.resume:
+        truncate_metrics(run.out / METRICS_FILE, state["step"])
+    try:
+        _write_json_atomic(run.out / CONFIG_FILE, asdict(run.cfg))
+    except OSError as e:
+        raise TrainingError(f"cannot write {run.out / CONFIG_FILE}: {one_line(e)}") from None
+
+
+def _loop(run: _Run, data: _Data, live: _Live, stage: Stage, state: dict[str, int]) -> tuple[float | None, str | None]:
+    """Optimizer steps from ``state`` (updated in place) to ``data.total``, epoch after epoch:
+    each step logged (``metrics.jsonl``, the progress bar) and checkpointed every ``save_steps``,
+    at the end and when a signal stops the run. Returns the last loss and what stopped the run
+    early (``None``: it ran to the end)."""
+    cfg, main = run.cfg, run.main
+    metrics = _open_metrics(run.out) if main else None
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=state["step"], desc=f"train {cfg.method} stage {stage.name}", unit="step")
+        bar = tqdm(total=data.total, initial=state["step"], desc=f"train {cfg.method} stage {stage.name}", unit="step")
     last_loss: float | None = None
     stopped_by: str | None = None
-    with _StopFlag() as stop:
-        while state["step"] < total:
-            micro = list(plan.micro_batches(state["epoch"], state["batch_in_epoch"]))
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=_ListSampler(micro), collate_fn=collate,
-                                                 num_workers=cfg.num_workers)
-            it = iter(loader)
-            while state["step"] < total and state["batch_in_epoch"] < steps_per_epoch:
-                t0 = time.perf_counter()
-                losses, n_tokens, n_visual, n_images = [], 0, 0, 0
-                for _ in range(cfg.grad_accum):
-                    batch = next(it)
-                    with accelerator.accumulate(ddp_model):
-                        o = ddp_model(batch["input_ids"], batch["image_inputs"], batch["labels"])
-                        accelerator.backward(o.loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(clip_params, cfg.max_grad_norm)
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    losses.append(o.loss.detach().float())
-                    n_tokens += int(o.batch.attention_mask.sum())
-                    n_visual += sum(o.batch.num_visual_tokens)
-                    n_images += len(o.batch.num_visual_tokens)
-                state["step"] += 1
-                state["batch_in_epoch"] += 1
-                loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
-                last_loss = float(loss)
-                tok = accelerator.reduce(torch.tensor([n_tokens, n_visual, n_images], dtype=torch.float64), "sum")
-                dt = time.perf_counter() - t0
-                if main and state["step"] % cfg.log_steps == 0:
-                    rec = {"step": state["step"], "epoch": state["epoch"], "loss": last_loss,
-                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": float(tok[0]) / dt,
-                           "visual_tokens_per_sample": float(tok[1] / max(1.0, float(tok[2]))) if tok[2] else 0.0,
-                           "step_time_s": dt}
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}")
-                stop_now = _agree(accelerator, stop.raised is not None)
-                if state["step"] % cfg.save_steps == 0 or stop_now or state["step"] == total:
-                    _save(out, state, parts, procs, accelerator, cfg, fingerprint)
-                if stop_now:
-                    stopped_by = stop.raised or "signal on another rank"
-                    break
-            if stopped_by:
-                break
-            if state["batch_in_epoch"] >= steps_per_epoch:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
-    if stopped_by:
-        if main:
-            print(f"stopped by {stopped_by} at step {state['step']}; checkpoint saved — continue with --resume")
-        return TrainResult(state["step"], last_loss, str(out), stopped_by, skipped)
-    accelerator.wait_for_everyone()
+    try:
+        with _StopFlag() as stop:
+            while state["step"] < data.total and not stopped_by:
+                it = _epoch_batches(run, data, state)
+                while state["step"] < data.total and state["batch_in_epoch"] < data.steps_per_epoch:
+                    last_loss, counts, seconds = _step(run, live, it)
+                    state["step"] += 1
+                    state["batch_in_epoch"] += 1
+                    if metrics is not None and state["step"] % cfg.log_steps == 0:
+                        _log(metrics, state, last_loss, live, counts, seconds)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last_loss:.4f}")
+                    stop_now = _agree(run.accelerator, stop.raised is not None)
+                    if state["step"] % cfg.save_steps == 0 or stop_now or state["step"] == data.total:
+                        _save(run.out, state, live.parts, run.procs, run.accelerator, cfg, data.fingerprint)
+                    if stop_now:
+                        stopped_by = stop.raised or "signal on another rank"
+                        break
+                if not stopped_by and state["batch_in_epoch"] >= data.steps_per_epoch:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    return last_loss, stopped_by
+
+
+def _epoch_batches(run: _Run, data: _Data, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """This rank's micro-batches of the current epoch from the current position, loaded."""
+    from ..data.dataset import collate
+
+    micro = list(data.batches.micro_batches(state["epoch"], state["batch_in_epoch"]))
+    loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=_ListSampler(micro), collate_fn=collate,
+                                         num_workers=run.cfg.num_workers)
+    return iter(loader)
+
+
+def _step(run: _Run, live: _Live, it: Iterator[dict[str, Any]]) -> tuple[float, torch.Tensor, float]:
+    """One optimizer step of ``grad_accum`` micro-batches: the loss (mean over the micro-batches
+    and processes), the tokens, visual tokens and images of the step (summed over processes)
+    and its seconds."""
+    cfg, accelerator = run.cfg, run.accelerator
+    t0 = time.perf_counter()
+    losses, n_tokens, n_visual, n_images = [], 0, 0, 0
+    for _ in range(cfg.grad_accum):
+        batch = next(it)
+        with accelerator.accumulate(live.model):
+            o = live.model(batch["input_ids"], batch["image_inputs"], batch["labels"])
+            accelerator.backward(o.loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(live.clip_params, cfg.max_grad_norm)
+            live.optimizer.step()
+            if accelerator.sync_gradients:
+                live.scheduler.step()
+            live.optimizer.zero_grad(set_to_none=True)
+        losses.append(o.loss.detach().float())
+        n_tokens += int(o.batch.attention_mask.sum())
+        n_visual += sum(o.batch.num_visual_tokens)
+        n_images += len(o.batch.num_visual_tokens)
+    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+    counts = accelerator.reduce(torch.tensor([n_tokens, n_visual, n_images], dtype=torch.float64), "sum")
+    return float(loss), counts, time.perf_counter() - t0
+
+
+def _log(metrics: IO[str], state: dict[str, int], loss: float, live: _Live, counts: torch.Tensor, seconds: float) -> None:
+    """One line of ``metrics.jsonl``: loss, learning rate, tokens per second, visual tokens per sample."""
+    rec = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": live.scheduler.get_last_lr()[0],
+           "tokens_per_s": float(counts[0]) / seconds,
+           "visual_tokens_per_sample": float(counts[1] / max(1.0, float(counts[2]))) if counts[2] else 0.0,
+           "step_time_s": seconds}
+    metrics.write(json.dumps(rec) + "\n")
+    metrics.flush()
+
+
+def _finish(run: _Run, live: _Live, stage: Stage) -> None:
+    """Save the trained model (:func:`save_final`) once every process is done. Under a sharding
+    engine the shards are gathered (collective) and loaded into a fresh unsharded model on the
+    main process (frozen weights rebuilt from the arguments, as a checkpoint's are)."""
+    from accelerate.utils import set_seed
+
+    cfg, engine, main = run.cfg, run.engine, run.main
+    run.accelerator.wait_for_everyone()
     distributed = engine.describe()
     if engine.sharded:
-        # the shards gathered (collective), loaded into a fresh unsharded model on the main
-        # process (frozen weights rebuilt from the arguments, as a checkpoint's are)
         full = engine.model_state()
         if main:
             set_seed(cfg.seed)
             final, _, _, _ = _model_for_stage(cfg, engine, for_training=False)
-            ckpt_io.load_model_tensors(out, final, full)
-            save_final(final, out, stage, cfg, distributed)
+            ckpt_io.load_model_tensors(run.out, final, full)
+            save_final(final, run.out, stage, cfg, distributed)
     elif main:
-        save_final(accelerator.unwrap_model(ddp_model), out, stage, cfg, distributed)
-    accelerator.wait_for_everyone()
-    return TrainResult(state["step"], last_loss, str(out), None, skipped)
+        save_final(run.accelerator.unwrap_model(live.model), run.out, stage, cfg, distributed)
+    run.accelerator.wait_for_everyone()
 
 
 def _agree(accelerator: Any, flag: bool) -> bool:
