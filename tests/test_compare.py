@@ -1,6 +1,7 @@
-"""``hires compare``: the Pareto front, the seed statistics, budgets refused until the planners
-have them, one-line errors, the figure with and without matplotlib, and an end-to-end run of two
-tiny methods at two seeds whose results.json holds the measured values."""
+"""``hires compare``: the Pareto front, the seed statistics, budgets (asked of the specs, refused
+before training when a method cannot plan within one), one-line errors, the figure with and
+without matplotlib, an end-to-end run of two tiny methods at two seeds whose results.json holds
+the measured values, and end-to-end runs of a method file beside a preset and at two budgets."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from hires_lmm.compare.report import FIGURE, write_report
 from hires_lmm.compare.run import aggregate, pareto_front
 from hires_lmm.data import synth
 from hires_lmm.eval.evaluate import evaluate
-from hires_lmm.plan import PLANNERS, plan_image
+from hires_lmm.plan import plan_image
 from hires_lmm.plan.cost import plan_cost
 
 METHODS = ("llava-1.5", "llava-uhd")
@@ -75,28 +76,64 @@ def test_words_of_the_data(data):
 # --- refusals ------------------------------------------------------------------------------------
 
 def test_budgets_follow_the_planners(data, monkeypatch):
-    """Budgets are asked of the planners: refused with one line while one takes no
-    ``max_visual_tokens``, accepted once every compared method's does."""
-    def refuses(size, **kw):
-        if "max_visual_tokens" in kw:
-            raise TypeError("unexpected keyword argument 'max_visual_tokens'")
-        return plan_image("llava-1.5", size)
+    """Budgets are asked of the specs: refused with one line while a preset's planner takes no
+    ``max_visual_tokens``, accepted once it does; a composed method plans within a budget by its
+    own count whatever its planner takes."""
+    from hires_lmm.parts import get_part
 
-    monkeypatch.setitem(PLANNERS, "llava-uhd", refuses)
+    assert budgets_supported(METHODS) and budgets_supported([{"base": "llava-uhd", "selector": "text-guided"}])
+    config(data, max_visual_tokens=(300, 600), methods=("llava-uhd",)).check()      # accepted
+    views = get_part("views", "llava-uhd")
+    keys = views.option_keys()
+    monkeypatch.setattr(views, "option_keys", classmethod(lambda cls: tuple(k for k in keys if k != "max_visual_tokens")))
     assert not budgets_supported(METHODS)
+    assert budgets_supported([{"base": "llava-uhd", "selector": "text-guided"}])
     with pytest.raises(CompareError, match="budgets are not supported yet") as e:
         config(data, max_visual_tokens=(256,)).check()
     assert "\n" not in str(e.value)
-    monkeypatch.setitem(PLANNERS, "llava-uhd", lambda size, max_visual_tokens=None: plan_image("llava-1.5", size))
-    monkeypatch.setitem(PLANNERS, "llava-1.5", lambda size, max_visual_tokens=None, _p=PLANNERS["llava-1.5"]: _p(size))
-    assert budgets_supported(METHODS)
-    config(data, max_visual_tokens=(256, 512)).check()      # accepted
+    monkeypatch.undo()
     with pytest.raises(CompareError, match="positive"):
         config(data, max_visual_tokens=(0,)).check()
+    with pytest.raises(CompareError, match="listed twice"):
+        config(data, max_visual_tokens=(300, 300)).check()
+
+
+def test_a_budget_no_plan_fits_is_refused_before_training(data, tmp_path, capsys):
+    """LLaVA-1.5's 576 tokens do not fit 300: refused in one line, nothing trained."""
+    out = tmp_path / "o"
+    assert main(["compare", *data_args(data), "--methods", "llava-uhd,llava-1.5", "--tiny",
+                 "--max-visual-tokens", "600,300", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "llava-1.5 at --max-visual-tokens 300" in err and "576" in err and "\n" not in err, err
+    assert not (out / "runs").exists()
+
+
+def test_method_files_are_resolved_and_named(data, tmp_path, capsys):
+    """A method file is named by its stem or its "name"; two methods of one name are refused."""
+    a = tmp_path / "uhd-select.json"
+    a.write_text(json.dumps({"base": "llava-uhd", "selector": "text-guided"}))
+    b = tmp_path / "other.yaml"
+    b.write_text("base: llava-next\nname: uhd-select\n")
+    c = tmp_path / "llava-1.5.json"
+    c.write_text(json.dumps({"base": "llava-uhd"}))
+    entries = config(data, methods=("llava-1.5", str(a))).check()
+    assert [e.name for e in entries] == ["llava-1.5", "uhd-select"]
+    assert entries[1].method == str(a.resolve()) and entries[1].file_text == a.read_text()
+    assert entries[1].spec.parts["selector"] == "text-guided" and entries[0].file_text is None
+    assert [e.name for e in config(data, methods=(str(b),)).check()] == ["uhd-select"]
+    for methods, words in (((str(a), str(b)), "two methods are named 'uhd-select' (uhd-select.json, other.yaml)"),
+                           (("llava-1.5", str(c)), "two methods are named 'llava-1.5'"),
+                           ((str(tmp_path / "nope.json"),), "nope.json: not found")):
+        assert main(["compare", *data_args(data), "--methods", ",".join(methods), "--tiny",
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hires compare: error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "o" / "runs").exists()
 
 
 @pytest.mark.parametrize("extra, words", [
     (["--methods", "llava-1.5,nope", "--tiny"], "unknown method 'nope'"),
+    (["--methods", "llava-1.5,bad.json", "--tiny"], "method file bad.json: not found"),
     (["--methods", "llava-1.5"], "give --tiny, or --vision DIR and --llm DIR"),
     (["--methods", "llava-1.5", "--tiny", "--seeds", "0,x"], "--seeds: give comma-separated integers"),
     (["--methods", "llava-1.5", "--tiny", "--seeds", "1,1"], "seeds must be distinct"),
@@ -235,3 +272,82 @@ def test_a_stopped_training_is_not_scored(data, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "llava-1.5" / "seed-0"
     assert not (run / "result.json").exists() and not (run / "answers.jsonl").exists()
     assert (run / "init" / "config.json").exists()           # kept: nothing was removed as if done
+
+
+# --- method files and budgets, end to end --------------------------------------------------------
+
+def _train_sizes(root: Path) -> list[tuple[int, int]]:
+    return [Image.open(root / "images" / r["image"]).size for r in json.loads((root / "stage2.json").read_text())]
+
+
+def _question_sizes(root: Path) -> list[tuple[int, int]]:
+    return [Image.open(root / "images" / json.loads(q)["image"]).size
+            for q in (root / "test" / "questions.jsonl").read_text().splitlines()]
+
+
+def test_compare_a_method_file_with_a_preset(data, tmp_path, capsys):
+    """``--methods llava-1.5,uhd-select.json``: both in results.json under their names, the
+    composed method measured within what its spec plans (a selector: the plan is the bound) and
+    costed as its spec costs; editing the file redoes its run only."""
+    from hires_lmm.parts import resolve_method
+
+    f = tmp_path / "uhd-select.json"
+    f.write_text(json.dumps({"base": "llava-uhd", "selector": "text-guided"}))
+    out = tmp_path / "cmp"
+    argv = ["compare", *data_args(data), "--methods", f"llava-1.5,{f}", "--tiny", "--steps", "2",
+            "--batch-size", "2", "--max-new-tokens", "2", "--eval-batch-size", "4", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["llava-1.5", "uhd-select"]
+    assert res["settings"]["method_files"] == {"uhd-select": str(f.resolve())}
+    spec = resolve_method(f)
+    m = res["methods"]["uhd-select"]
+    assert m["method"] == "uhd-select" and (out / "runs" / "uhd-select" / "seed-0" / "answers.jsonl").exists()
+    planned = [spec.plan(s) for s in _train_sizes(data)]
+    assert all(p.extra["bound"] for p in planned)
+    overview = [p.tokens[-1].count for p in planned]   # never thinned: the selector chooses among the slices
+    assert min(overview) < m["visual_tokens"] <= max(p.num_visual_tokens for p in planned)
+    assert res["methods"]["llava-1.5"]["visual_tokens"] == 576
+    want = statistics.fmean(spec.cost(s).total_flops / 1e12 for s in _question_sizes(data))
+    assert m["tflops"] == pytest.approx(want)
+    saved = json.loads((out / "runs" / "uhd-select" / "seed-0" / "model" / "config.json").read_text())
+    assert saved["method_spec"]["selector"] == "text-guided" and saved["method_spec"]["name"] == "uhd-select"
+    capsys.readouterr()
+    # the same file again: reused; an edited file: its run again, the preset's reused
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
+    f.write_text(json.dumps({"base": "llava-uhd", "selector": "text-guided", "selector_options": {"selector_p": 0.9}}))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[llava-1.5 seed 0] reusing" in printed and "[uhd-select seed 0] reusing" not in printed
+
+
+def test_compare_a_method_file_at_two_budgets(data, tmp_path):
+    """``--max-visual-tokens 300,600``: two points of the same method in results.json and in the
+    figure's data, each trained within its budget: the measured tokens are what its spec plans at
+    that budget (the selector keeps all here, so the plan is exact)."""
+    from hires_lmm.compare.figure import figure_series
+    from hires_lmm.compare.run import run_compare
+    from hires_lmm.parts import resolve_method
+
+    f = tmp_path / "uhd-keep.yaml"
+    f.write_text("base: llava-uhd\nselector: text-guided\nselector_options: {selector_p: 1.0}\n")
+    res = run_compare(config(data, methods=(str(f),), steps=2, batch_size=2, max_new_tokens=2, eval_batch=4,
+                             max_visual_tokens=(300, 600)), tmp_path / "cmp", progress=False)
+    assert list(res["methods"]) == ["uhd-keep@300", "uhd-keep@600"]
+    spec = resolve_method(f)
+    for b in (300, 600):
+        m = res["methods"][f"uhd-keep@{b}"]
+        assert m["method"] == "uhd-keep" and m["max_visual_tokens"] == b
+        planned = [spec.plan(s, max_visual_tokens=b).num_visual_tokens for s in _train_sizes(data)]
+        assert len(set(planned)) == 1 and m["visual_tokens"] == planned[0] <= b   # 144 and 434
+        want = statistics.fmean(spec.cost(s, plan_options={"max_visual_tokens": b}).total_flops / 1e12
+                                for s in _question_sizes(data))
+        assert m["tflops"] == pytest.approx(want)
+        saved = json.loads((tmp_path / "cmp" / "runs" / f"uhd-keep@{b}" / "seed-0" / "model" / "config.json").read_text())
+        assert saved["plan_options"]["max_visual_tokens"] == b
+    assert res["methods"]["uhd-keep@300"]["visual_tokens"] < res["methods"]["uhd-keep@600"]["visual_tokens"]
+    series = figure_series(res["methods"])
+    assert list(series) == ["uhd-keep"] and [k for k, _ in series["uhd-keep"]] == ["uhd-keep@300", "uhd-keep@600"]
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert figure_series(saved["methods"]) == series

@@ -57,7 +57,8 @@ def register(sub: Any) -> None:
     p.add_argument("--image-folder", required=True)
     p.add_argument("--question-file", required=True, help="held-out questions (JSONL: question_id, image, text)")
     p.add_argument("--answers-file", required=True, help="their ground truth (JSONL: question_id, text or answers)")
-    p.add_argument("--methods", required=True, help="comma-separated methods, or 'all'")
+    p.add_argument("--methods", required=True, help="comma-separated presets and method files (JSON/YAML, "
+                   "named by their stem or \"name\"), or 'all' (the presets)")
     p.add_argument("--out", required=True, help="where results.json, results.md, the figure and the runs go")
     p.add_argument("--tiny", action="store_true", help="tiny models (whole-word tokens of the data's words); "
                    "--vision / --convnext / --llm then replace its random encoders / LLM")
@@ -78,8 +79,9 @@ def register(sub: Any) -> None:
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0)
     seeds.add_argument("--seeds", help="comma-separated seeds: each runs, the table reports mean ± spread")
-    p.add_argument("--max-visual-tokens", metavar="B[,B...]", help="token budgets (each method at each); "
-                   "refused while the planners have none")
+    p.add_argument("--max-visual-tokens", metavar="B[,B...]", help="visual-token budgets: each method is trained "
+                   "and scored at each (a curve in the figure); a method that cannot plan a held-out image "
+                   "within one is refused before training")
     p.add_argument("--metric", default="exact", help="exact (default), vqa, anls, relaxed or mc")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=8)

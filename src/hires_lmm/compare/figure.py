@@ -12,11 +12,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COLOURS", "have_matplotlib", "plot_accuracy_tflops"]
+__all__ = ["COLOURS", "colour_of", "figure_series", "have_matplotlib", "plot_accuracy_tflops"]
 
 #: one colour per method, the same in every figure (matplotlib's tab10)
 COLOURS = {"llava-1.5": "#7f7f7f", "llava-next": "#1f77b4", "llava-uhd": "#d62728", "llava-uhd-arxiv": "#e377c2",
            "llava-hr": "#2ca02c", "inf-llava": "#9467bd", "slime": "#ff7f0e"}
+#: colours of the other methods (method files), in order of appearance (tab10's rest, then tab20's)
+_MORE = ("#8c564b", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+
+
+def colour_of(method: str, others: Sequence[str] = ()) -> str:
+    """A preset's colour, or the ``others.index(method)``-th spare one (black beyond them)."""
+    if method in COLOURS:
+        return COLOURS[method]
+    i = list(others).index(method) if method in others else -1
+    return _MORE[i] if 0 <= i < len(_MORE) else "#000000"
+
+
+def figure_series(methods: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """The figure's data: method → its points ``(results key, entry)`` ordered by TFLOPs; a method
+    at two or more budgets has as many points (drawn as a curve)."""
+    by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, m in methods.items():
+        by_method.setdefault(m["method"], []).append((key, m))
+    for entries in by_method.values():
+        entries.sort(key=lambda e: e[1]["tflops"])
+    return by_method
 
 
 def have_matplotlib() -> bool:
@@ -38,12 +59,10 @@ def plot_accuracy_tflops(methods: dict[str, dict[str, Any]], pareto: Sequence[st
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for key, m in methods.items():
-        by_method.setdefault(m["method"], []).append((key, m))
+    by_method = figure_series(methods)
+    others = [m for m in by_method if m not in COLOURS]
     for method, entries in by_method.items():
-        entries.sort(key=lambda e: e[1]["tflops"])
-        c = COLOURS.get(method, "#000000")
+        c = colour_of(method, others)
         xs = [m["tflops"] for _, m in entries]
         ys = [m["accuracy"] for _, m in entries]
         err = [m.get("accuracy_spread", 0.0) for _, m in entries]

@@ -75,6 +75,11 @@ class MethodSpec:
             spec = owner
         return dict(spec.train_stages)
 
+    def needs_convnext(self) -> bool:
+        """Whether its encoder needs a ConvNeXt (LLaVA-HR's dual path): ``--convnext DIR``
+        beyond tiny models."""
+        return bool(getattr(get_part("encoder", self.parts["encoder"]), "needs_convnext", False))
+
     # --- validation, parts ----------------------------------------------------------------
     def part_classes(self) -> dict[str, type[Part]]:
         unknown = sorted(set(self.parts) - set(STAGES))

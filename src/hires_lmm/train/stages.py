@@ -103,23 +103,24 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[dict[str, Any]]:
     Returns optimizer parameter groups ``[{"params", "lr", "name"}]``. Parameters created frozen
     (fixed position tables) stay frozen.
     """
-    fixed = getattr(model, "_fixed_params", None)
+    m: Any = model  # a HiresLMM: its visual module, config and the recorded frozen set
+    fixed = getattr(m, "_fixed_params", None)
     if fixed is None:
-        fixed = {n for n, p in model.named_parameters() if not p.requires_grad}
-        model._fixed_params = fixed  # type: ignore[attr-defined]
+        fixed = {n for n, p in m.named_parameters() if not p.requires_grad}
+        m._fixed_params = fixed
     for key, value in stage.visual.items():
-        target: Any = model.visual
+        target: Any = m.visual
         *path, attr = key.split(".")
         for part in path:
             target = getattr(target, part)
         setattr(target, attr, value)
     if stage.plan_options:
-        model.config.plan_options.update(stage.plan_options)
+        m.config.plan_options.update(stage.plan_options)
     groups: dict[str, dict[str, Any]] = {}
-    for name, p in model.named_parameters():
+    for name, p in m.named_parameters():
         match = next(((pre, lr) for pre, lr in stage.groups if name.startswith(pre)), None)
         p.requires_grad_(match is not None and match[1] is not None and name not in fixed)
-        if p.requires_grad:
+        if match is not None and p.requires_grad:
             g = groups.setdefault(match[0] or "all", {"params": [], "lr": match[1], "name": match[0] or "all"})
             g["params"].append(p)
     if not groups:
