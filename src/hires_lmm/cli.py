@@ -221,7 +221,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.records import DataError
-    from .train.trainer import TrainConfig, TrainingError, train
+    from .train.config import config_from_args
+    from .train.trainer import TrainingError, train
 
     (method,) = _methods(args.method)
     connector = None
@@ -232,17 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         method, connector = spec.parts["views"], {"method_spec": spec.to_json()}
     if not args.tiny and not args.init and not (args.vision and args.llm):
         raise CLIError("give --tiny, or --vision DIR and --llm DIR (and --convnext DIR for llava-hr), or --init DIR")
-    cfg = TrainConfig(
-        method=method, data_path=args.data_path, image_folder=args.image_folder, output_dir=args.output_dir,
-        stage=args.stage, tiny=args.tiny, vision=args.vision, llm=args.llm, convnext=args.convnext, init=args.init,
-        template=args.template, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
-        max_length=args.max_length, seed=args.seed, save_steps=args.save_steps, keep_last=args.keep_last,
-        resume=args.resume, overwrite=args.overwrite, skip_bad=args.skip_bad,
-        allow_changed=tuple(f.strip().replace("-", "_") for f in args.allow_changed.split(",") if f.strip()),
-        group_by_length=not args.no_group_by_length, num_workers=args.num_workers,
-        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-        max_visual_tokens=args.max_visual_tokens, progress=not args.no_progress, connector=connector)
+    cfg = config_from_args(args, method=method, connector=connector)
     try:
         res = train(cfg)
     except (TrainingError, DataError, FileNotFoundError) as e:
@@ -323,44 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
+    from .train.config import add_arguments as add_train_arguments  # torch-free: TrainConfig's fields
+
     t = sub.add_parser("train", help="train a method's stage on LLaVA-format data")
-    t.add_argument("--method", "-m", required=True)
-    t.add_argument("--stage", default="scratch", help="the paper's stage (1, 2; SliME 1a, 1b, 2, 3), 'scratch' (all parts train) "
-                   "or 'frozen-encoders' (all but the vision encoders)")
-    t.add_argument("--tiny", action="store_true")
-    t.add_argument("--vision")
-    t.add_argument("--llm")
-    t.add_argument("--convnext")
-    t.add_argument("--init", help="start from a previous stage's output directory")
-    t.add_argument("--data-path", required=True, help="LLaVA JSON/JSONL, or a LLaVA-NeXT YAML list of files")
-    t.add_argument("--image-folder", default=".")
-    t.add_argument("--output-dir", required=True)
-    t.add_argument("--template", help="plain, vicuna_v1, llama3, chatml or tokenizer (default: the stage's)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=4, help="per process, per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, help="one learning rate for every trained group (default: the paper's)")
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                   help="after the linear warmup: cosine decay to 0 (LLaVA's) or constant")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-length", type=int, default=4096)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-steps", type=int, default=100)
-    t.add_argument("--keep-last", type=int, default=2)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--allow-changed", default="", metavar="FIELDS", help="with --resume: the arguments that may differ "
-                   "from the resumed run (comma-separated: max_steps, epochs, gradient_checkpointing, mixed_precision)")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of stopping")
-    t.add_argument("--no-group-by-length", action="store_true")
-    t.add_argument("--num-workers", type=int, default=0)
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    t.add_argument("--max-visual-tokens", type=_budget, metavar="B", help="visual-token budget: every image is "
-                   "planned within B tokens (saved in the model's plan_options); a record that cannot be is a bad record")
-    t.add_argument("--no-progress", action="store_true")
+    add_train_arguments(t)  # one flag per TrainConfig field (its metadata: help, choices, flag names)
     t.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -28,159 +28,32 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from ..model import HiresLMM
-from ..plan.budget import BudgetError, check_budget
 from . import checkpoint as ckpt_io
 from .batches import GlobalBatches, ImagePlanner, count_lengths
+from .config import MIXED_PRECISION as MIXED_PRECISION  # re-exported: the arguments' old home
+from .config import SCHEDULES as SCHEDULES
+from .config import TrainConfig, _is_int, check_config, config_defaults, config_json
+from .config import constant_with_warmup as constant_with_warmup
+from .config import cosine_with_warmup as cosine_with_warmup
 from .distributed import Engine, setup
 from .errors import CheckpointError, ConfigMismatchError, TrainingError, one_line
-from .resume import OVERRIDABLE, check_same_data, check_same_run, data_fingerprint, truncate_metrics
+from .resume import check_same_data, check_same_run, data_fingerprint, truncate_metrics
 from .stages import Stage, apply_stage, get_stage, trainable_state_dict
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = ckpt_io.STATE_FILE
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 __all__ = ["CheckpointError", "ConfigMismatchError", "TrainConfig", "TrainResult", "TrainingError", "check_config",
            "train"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as ``OUT/train_config.json``."""
-
-    method: str
-    data_path: str
-    output_dir: str
-    image_folder: str = "."
-    stage: str = "scratch"
-    tiny: bool = False
-    vision: str | None = None
-    llm: str | None = None
-    convnext: str | None = None
-    init: str | None = None
-    template: str | None = None
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float | None = None
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 4096
-    seed: int = 0
-    save_steps: int = 100
-    keep_last: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    skip_bad: bool = False
-    group_by_length: bool = True
-    num_workers: int = 0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"
-    #: the visual-token budget every image is planned within (``plan_options["max_visual_tokens"]``)
-    max_visual_tokens: int | None = None
-    log_steps: int = 1
-    progress: bool = True
-    connector: dict[str, Any] | None = None
-    #: fields of :data:`~.resume.OVERRIDABLE` a ``--resume`` may change (others are refused)
-    allow_changed: tuple[str, ...] = ()
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup to 1, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def constant_with_warmup(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup to 1, then constant."""
-    return (step + 1) / max(1, warmup) if step < warmup else 1.0
-
-
-#: ``TrainConfig.lr_schedule`` → multiplier(step, total, warmup)
-SCHEDULES = {"cosine": cosine_with_warmup, "constant": constant_with_warmup}
-
-
-# --- arguments -----------------------------------------------------------------------------------
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _argument_problems(cfg: TrainConfig) -> list[str]:
-    """Every bad value of ``cfg`` (checked before anything is built or written)."""
-    problems = []
-    for name, low in (("batch_size", 1), ("grad_accum", 1), ("max_length", 1), ("save_steps", 1),
-                      ("keep_last", 1), ("log_steps", 1), ("num_workers", 0)):
-        v = getattr(cfg, name)
-        if not _is_int(v) or v < low:
-            problems.append(f"{name} must be an integer ≥ {low}, got {v!r}")
-    if cfg.max_steps is not None and (not _is_int(cfg.max_steps) or cfg.max_steps < 1):
-        problems.append(f"max_steps must be an integer ≥ 1, got {cfg.max_steps!r}")
-    if not _is_number(cfg.epochs) or cfg.epochs <= 0:
-        problems.append(f"epochs must be a number > 0, got {cfg.epochs!r}")
-    for name in ("weight_decay", "max_grad_norm") + (("lr",) if cfg.lr is not None else ()):
-        v = getattr(cfg, name)
-        if not _is_number(v) or v < 0:
-            problems.append(f"{name} must be a number ≥ 0, got {v!r}")
-    if not _is_number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio <= 1:
-        problems.append(f"warmup_ratio must be between 0 and 1, got {cfg.warmup_ratio!r}")
-    if cfg.lr_schedule not in SCHEDULES:
-        problems.append(f"unknown lr_schedule {cfg.lr_schedule!r}; choose from {', '.join(SCHEDULES)}")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        problems.append(f"unknown mixed_precision {cfg.mixed_precision!r}; choose from {', '.join(MIXED_PRECISION)}")
-    for name in ("method", "data_path", "output_dir", "stage"):
-        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
-            problems.append(f"{name} must be a non-empty string, got {getattr(cfg, name)!r}")
-    unknown = sorted(set(cfg.allow_changed) - OVERRIDABLE) if isinstance(cfg.allow_changed, (list, tuple)) else None
-    if unknown is None or unknown:
-        problems.append(f"allow_changed {unknown if unknown else cfg.allow_changed!r} not allowed: a resumed run "
-                        f"may change only {', '.join(sorted(OVERRIDABLE))}")
-    if cfg.max_visual_tokens is not None:
-        try:
-            check_budget(cfg.max_visual_tokens)
-        except BudgetError as e:
-            problems.append(one_line(e))
-    if cfg.connector is not None and not isinstance(cfg.connector, dict):
-        problems.append(f"connector must be a dict of connector options, got {type(cfg.connector).__name__}")
-    try:
-        json.dumps(asdict(cfg), allow_nan=False)
-    except (TypeError, ValueError) as e:  # it is saved as train_config.json
-        problems.append(f"the arguments cannot be saved as JSON ({one_line(e, 80)})")
-    return problems
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise one :class:`TrainingError` naming every bad argument of ``cfg``."""
-    problems = _argument_problems(cfg)
-    if problems:
-        raise TrainingError("bad training arguments: " + "; ".join(problems))
-
-
-def _config_json(cfg: TrainConfig) -> dict[str, Any]:
-    """``cfg`` as it reads back from ``train_config.json`` (tuples become lists)."""
-    return json.loads(json.dumps(asdict(cfg)))
-
-
-def _config_defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -371,7 +244,7 @@ def _resume_point(cfg: TrainConfig, out: Path, procs: ckpt_io.Processes) -> tupl
         saved, where = _read_saved_config(out / CONFIG_FILE), str(out / CONFIG_FILE)
     else:
         return None, None
-    changed = check_same_run(saved, _config_json(cfg), _config_defaults(), allowed=cfg.allow_changed, where=where)
+    changed = check_same_run(saved, config_json(cfg), config_defaults(), allowed=cfg.allow_changed, where=where)
     if changed and procs.is_main:
         print(f"--resume: changed on purpose (--allow-changed): {', '.join(changed)}")
     return path, state
@@ -388,7 +261,7 @@ def _position(saved: dict[str, Any], path: Path, steps_per_epoch: int) -> dict[s
 def _checkpoint_state(state: dict[str, int], accelerator: Any, cfg: TrainConfig, data: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint records besides tensors: the data position, accelerate's micro-step
     counter (gradient accumulation phase), the arguments and the data's fingerprint."""
-    return {**state, "accelerator_step": int(accelerator.step), "config": _config_json(cfg), "data": data}
+    return {**state, "accelerator_step": int(accelerator.step), "config": config_json(cfg), "data": data}
 
 
 def _save(out: Path, state: dict[str, int], parts: ckpt_io.Parts, procs: ckpt_io.Processes, accelerator: Any,
