@@ -20,10 +20,13 @@ from typing import Any
 import torch
 
 from .config import HiresConfig
-from .model import HiresLMM, load_llm
+from .model import HiresLMM, build_from_config, load_llm
 from .parts import METHOD_SPECS, MethodSpec, config_fields, get_part, resolve_method
 from .plan import METHODS
 from .text import build_byte_tokenizer
+
+__all__ = ["PRESETS", "TINY_CONVNEXT", "TINY_TEXT", "TINY_VISION", "Preset", "build_from_config", "build_model",
+           "tiny_config"]
 
 
 @dataclass(frozen=True)
@@ -75,19 +78,6 @@ def tiny_config(method: str | os.PathLike | Mapping[str, Any] | MethodSpec, voca
     return HiresConfig(vision_config=dict(TINY_VISION),
                        convnext_config=dict(TINY_CONVNEXT) if _needs_convnext(spec) else None,
                        text_config={**TINY_TEXT, "vocab_size": vocab_size}, **fields)
-
-
-def build_from_config(config: HiresConfig, tokenizer, llm=None, vit=None, convnext=None) -> HiresLMM:  # noqa: ANN001
-    """Assemble a model from its config; parts not given are built with random weights."""
-    from transformers import AutoModelForCausalLM
-
-    from .visual import build_visual
-
-    if llm is None:
-        llm = AutoModelForCausalLM.from_config(config.llm_config())
-    d_llm = llm.get_input_embeddings().embedding_dim
-    visual = build_visual(config, d_llm, vit=vit, convnext=convnext)
-    return HiresLMM(config, llm, tokenizer, visual)
 
 
 def build_model(method: str | os.PathLike | Mapping[str, Any] | MethodSpec, *, tiny: bool = False,

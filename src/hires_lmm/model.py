@@ -49,12 +49,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat import CACHE_FIELD, cache_kwargs, output_cache
 from .config import HiresConfig
-from .errors import ModelLoadError, one_line
+from .errors import ModelLoadError, ModelNotFoundError, one_line
+from .generation import StopStringCriteria, sample_next, sampling_processors
 from .image import DEFAULT_MAX_PIXELS
 from .image.load import ImageSource
 from .plan import Plan
-from .processing import ImageInput, plan_for, prepare_image, unpack_images
-from .text import ensure_image_token, separator_id
+from .processing import HiresProcessor, ImageInput, plan_for, prepare_image, unpack_images
+from .text import IMAGE_TOKEN, ensure_image_token, separator_id
+from .vision.vit import ViT
+from .visual import build_visual
 
 IGNORE_INDEX = -100
 WEIGHTS_NAME = "model.safetensors"
@@ -137,8 +140,6 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         if llm is None:
             llm = AutoModelForCausalLM.from_config(config.llm_config())
         if visual is None:
-            from .visual import build_visual
-
             visual = build_visual(config, llm.get_input_embeddings().embedding_dim)
         self.llm = llm
         self.tokenizer = tokenizer
@@ -189,10 +190,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     def language_model(self) -> PreTrainedModel:
         return self.llm
 
-    def processor(self):  # noqa: ANN201 - HiresProcessor, imported lazily
+    def processor(self) -> HiresProcessor:
         """The :class:`~hires_lmm.processing.HiresProcessor` of this model (tokenizer, method, plan options)."""
-        from .processing import HiresProcessor
-
         return HiresProcessor.from_model(self)
 
     # --- images ---------------------------------------------------------------------------------
@@ -471,8 +470,6 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         chat template instead. Other keyword arguments go to ``GenerationMixin.generate``
         (``streamer=TextIteratorStreamer(...)``, ``repetition_penalty``, ...).
         """
-        from .generation import StopStringCriteria, sampling_processors
-
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
@@ -521,8 +518,6 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
         """Next token per row (kept for callers of the old helper): :func:`hires_lmm.generation.sample_next`."""
-        from .generation import sample_next
-
         return sample_next(logits, temperature, top_p, gen)
 
     # --- persistence ----------------------------------------------------------------------------
@@ -622,10 +617,6 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from .errors import ModelNotFoundError
-        from .methods import build_from_config
-        from .text import IMAGE_TOKEN
 
         if model_args:
             raise ModelLoadError(f"from_pretrained takes the directory only, not {len(model_args)} more positional argument(s)")
@@ -748,6 +739,18 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         _place(model, device_map, target)
         return model.eval()
 
+
+def build_from_config(config: HiresConfig, tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel | None = None,
+                      vit: ViT | None = None, convnext: nn.Module | None = None) -> HiresLMM:
+    """Assemble a model from its config; parts not given are built with random weights (the LLM
+    first, then the visual module's parts in :data:`hires_lmm.parts.BUILD_ORDER`: the order the
+    presets draw their weights in). :func:`hires_lmm.methods.build_model` builds a preset or a
+    method file with it, :meth:`HiresLMM.from_pretrained` the model of a saved config.json."""
+    if llm is None:
+        llm = AutoModelForCausalLM.from_config(config.llm_config())
+    d_llm = llm.get_input_embeddings().embedding_dim
+    visual = build_visual(config, d_llm, vit=vit, convnext=convnext)
+    return HiresLMM(config, llm, tokenizer, visual)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, state: dict[str, torch.Tensor], path: Path) -> torch.dtype | None:
