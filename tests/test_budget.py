@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from _budget_helpers import image_sizes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,14 +36,6 @@ BUDGETS = [1, 63, 64, 143, 144, 289, 433, 434, 575, 576, 600, 724, 865, 900, 101
 def strip_budget(plan: Plan) -> Plan:
     """``plan`` without what a budget records, to compare with the unbudgeted plan."""
     return dataclasses.replace(plan, extra={k: v for k, v in plan.extra.items() if k not in BUDGET_KEYS})
-
-
-@st.composite
-def image_sizes(draw):
-    long = draw(st.integers(1, 20000))
-    ratio = draw(st.floats(1.0, 200.0))
-    short = max(1, min(long, round(long / ratio)))
-    return (long, short) if draw(st.booleans()) else (short, long)
 
 
 # --- the oracle: every configuration a budget may choose, planned without a budget ----------

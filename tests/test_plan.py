@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from _budget_helpers import image_sizes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,14 +208,6 @@ def test_plan_does_not_import_torch():
 
 
 # --- properties over sizes from 1×1 to 20000×20000, aspect ratios up to 1:200 ---------------
-
-@st.composite
-def image_sizes(draw):
-    long = draw(st.integers(1, 20000))
-    ratio = draw(st.floats(1.0, 200.0))
-    short = max(1, min(long, round(long / ratio)))
-    return (long, short) if draw(st.booleans()) else (short, long)
-
 
 def _tokens_from_views(p) -> int:
     """Count the visual tokens the views produce, independently of the planner's formula."""
