@@ -2,6 +2,7 @@
 scored on held-out questions and set against their compute (:mod:`.run`), with a table and an
 accuracy-against-TFLOPs figure (:mod:`.report`, :mod:`.figure`)."""
 
-from .run import CompareConfig, CompareError, budgets_supported, run_compare, words_of
+from .run import CompareConfig, CompareError, MethodEntry, budgets_supported, resolve_methods, run_compare, words_of
 
-__all__ = ["CompareConfig", "CompareError", "budgets_supported", "run_compare", "words_of"]
+__all__ = ["CompareConfig", "CompareError", "MethodEntry", "budgets_supported", "resolve_methods", "run_compare",
+           "words_of"]
