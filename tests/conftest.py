@@ -61,3 +61,23 @@ def write_colour_dataset(root, n: int, base: tuple[int, int]):  # noqa: ANN001, 
                                        {"from": "gpt", "value": name}]})
     (root / "train.json").write_text(json.dumps(recs))
     return root
+
+
+def run_cli(*argv: str) -> int:
+    """``hires`` with only the convert package's subcommands (``convert``, ``logits``, ``export``:
+    :func:`hires_lmm.convert.cli.register`), printing a CLI error as ``hires_lmm.cli.main`` does
+    (``hires COMMAND: error: ...`` on stderr, exit code 2)."""
+    import argparse
+    import sys
+
+    from hires_lmm.cli import CLIError
+    from hires_lmm.convert.cli import register
+
+    ap = argparse.ArgumentParser(prog="hires")
+    register(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(list(argv))
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"hires {args.command}: error: {e}", file=sys.stderr)
+        return 2

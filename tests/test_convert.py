@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image
+from conftest import noise_image, run_cli
 from PIL import Image
 
 from hires_lmm.cli import main
@@ -31,26 +31,6 @@ from hires_lmm.text import build_byte_tokenizer
 
 ATOL = 1e-4
 PROMPTS = ["USER: <image>\nWhat is in the picture? ASSISTANT:", "Look closely <image> and count the dots."]
-
-
-def run_cli(*argv: str) -> int:
-    """``hires`` with only this package's subcommands (``register``), as ``hires_lmm.cli.main`` runs them."""
-    import argparse
-    import sys
-
-    from hires_lmm.cli import CLIError
-    from hires_lmm.convert.cli import register
-
-    ap = argparse.ArgumentParser(prog="hires")
-    register(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(list(argv))
-    try:
-        return args.func(args)
-    except CLIError as e:
-        print(f"hires {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
 
 
 def ids_of(tok, text: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import noise_image
+from conftest import noise_image, run_cli
 from PIL import Image
 
 from hires_lmm.cli import main
@@ -30,26 +30,6 @@ from hires_lmm.plan.anyres import LLAVA_PINPOINTS
 
 ATOL = 1e-4
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
-
-
-def run_cli(*argv: str) -> int:
-    """``hires`` with this package's subcommands, printing errors as ``hires_lmm.cli.main`` does."""
-    import argparse
-    import sys
-
-    from hires_lmm.cli import CLIError
-    from hires_lmm.convert.cli import register
-
-    ap = argparse.ArgumentParser(prog="hires")
-    register(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(list(argv))
-    try:
-        return args.func(args)
-    except CLIError as e:
-        print(f"hires {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
 
 
 def _export(root: Path, method: str, to: str, *, seed: int, pinpoints=None):
