@@ -122,7 +122,7 @@ class ImagePlanner:
 
                 self._spec = spec_from_config(SimpleNamespace(method=self.method, plan_options=self.plan_options,
                                                               method_spec=self.method_spec, connector=self.connector))
-            return self._spec.plan(size, **self.plan_options)  # type: ignore[no-any-return]
+            return self._spec.plan(size, **self.plan_options)
         from ..plan import plan_image
 
         return plan_image(self.method, size, **self.plan_options)

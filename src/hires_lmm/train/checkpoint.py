@@ -255,7 +255,7 @@ def load_optimizer_parts(directory: Path, optimizer: torch.optim.Optimizer, tens
     if not isinstance(meta, dict) or set(meta) != {"param_groups", "state_values"}:
         raise _bad(directory, OPTIMIZER_META, "not an optimizer description")
     groups = _restore_groups(directory, meta["param_groups"], live["param_groups"])
-    params = {}  # saved id → live parameter (ids number the parameters group by group)
+    params: dict[int, torch.nn.Parameter] = {}  # saved id → live parameter (ids number the parameters group by group)
     for g, live_group in zip(groups, optimizer.param_groups):
         params.update(zip(g["params"], live_group["params"]))
     state: dict[int, dict[str, Any]] = {}
@@ -344,7 +344,9 @@ def _unb64(s: Any) -> torch.Tensor:
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch and CUDA RNG states, as JSON values."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # get_state's default form (legacy=True), not the dict
+    name, keys, pos, has_gauss, cached = legacy
     return {"python": [version, list(internal), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "torch": _b64(torch.get_rng_state()),

@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..plan.budget import BudgetError, check_budget
 from .errors import TrainingError, one_line
@@ -182,7 +182,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
 
 # --- checks ---------------------------------------------------------------------------------------------
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -242,7 +242,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 def config_json(cfg: TrainConfig) -> dict[str, Any]:
     """``cfg`` as it reads back from ``train_config.json`` (tuples become lists)."""
-    return json.loads(json.dumps(asdict(cfg)))  # type: ignore[no-any-return]
+    out: dict[str, Any] = json.loads(json.dumps(asdict(cfg)))
+    return out
 
 
 def config_defaults() -> dict[str, Any]:

@@ -54,7 +54,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -348,9 +348,23 @@ class Engine:
         self.check_active()
         return wrapped, optimizer, opt
 
+    @property
+    def live_module(self) -> nn.Module:
+        """The unwrapped model :meth:`prepare` set up."""
+        if self.module is None:
+            raise RuntimeError("Engine.prepare has not run")
+        return self.module
+
+    @property
+    def live_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer :meth:`prepare` built."""
+        if self.torch_optimizer is None:
+            raise RuntimeError("Engine.prepare has not run")
+        return self.torch_optimizer
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters gradient clipping looks at (FSDP's sharded ones)."""
-        params = dict(self.module.named_parameters())
+        params = dict(self.live_module.named_parameters())
         return [params[n] for n in self.names]
 
     # --- evidence --------------------------------------------------------------------------------
@@ -388,18 +402,20 @@ class Engine:
 
     # --- state -----------------------------------------------------------------------------------
     def _params_by_name(self) -> dict[str, nn.Parameter]:
-        return dict(self.module.named_parameters())
+        return dict(self.live_module.named_parameters())
 
     def model_state(self) -> dict[str, torch.Tensor] | None:
         """The checkpoint's model tensors (trainable parameters as fp32 master values, buffers),
         full, on the main process (``None`` elsewhere). Collective."""
         main = self.accelerator.is_main_process
         if not self.sharded:
-            return ckpt_io.model_tensors(self.module) if main else None
+            return ckpt_io.model_tensors(self.live_module) if main else None
         if self.name == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # a model's state dict holds tensors (the type allows any state-dict value)
+            sd = cast(dict[str, torch.Tensor], get_model_state_dict(
+                self.live_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
             return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items() if k in self.keys} if main else None
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -408,7 +424,7 @@ class Engine:
         for n in self.names:  # collective under ZeRO-3 (an all-gather per parameter)
             t = safe_get_full_fp32_param(params[n])
             out[n] = t.detach().to("cpu", copy=True).contiguous()
-        for n, b in self.module.named_buffers():  # replicated
+        for n, b in self.live_module.named_buffers():  # replicated
             if n in self.keys:
                 out[n] = b.detach().to("cpu", copy=True).contiguous()
         return out if main else None
@@ -422,18 +438,19 @@ class Engine:
         if self.name == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            osd = get_optimizer_state_dict(self.module, self.torch_optimizer,
+            osd = get_optimizer_state_dict(self.live_module, self.live_optimizer,
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if not main:
                 return None
             pid = {n: i for i, n in enumerate(self.names)}
+            saved = cast(dict[str, dict[str, Any]], osd["state"])  # a full optimizer state: name → its state
             state = {pid[n]: {k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v)
-                              for k, v in st.items()} for n, st in osd["state"].items()}
-            return {"state": state, "param_groups": self.torch_optimizer.state_dict()["param_groups"]}
+                              for k, v in st.items()} for n, st in saved.items()}
+            return {"state": state, "param_groups": self.live_optimizer.state_dict()["param_groups"]}
         return self._deepspeed_optimizer_state(main)
 
     def _deepspeed_groups(self) -> list[dict[str, Any]]:
-        base = self.torch_optimizer  # DeepSpeed steps this AdamW on its flat partitions
+        base = self.live_optimizer  # DeepSpeed steps this AdamW on its flat partitions
         out, k = [], 0
         for g, n in zip(base.param_groups, self.group_sizes):
             out.append({**{key: v for key, v in g.items() if key != "params"}, "params": list(range(k, k + n))})
@@ -441,7 +458,7 @@ class Engine:
         return out
 
     def _deepspeed_step(self) -> torch.Tensor | None:
-        steps = {float(st["step"]) for st in self.torch_optimizer.state.values() if "step" in st}
+        steps = {float(st["step"]) for st in self.live_optimizer.state.values() if "step" in st}
         if not steps:
             return None
         if len(steps) != 1:
@@ -470,17 +487,17 @@ class Engine:
         if self.name == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            sd = {"state": {self.names[i]: st for i, st in full["state"].items()},
+            sd: dict[str, Any] = {"state": {self.names[i]: st for i, st in full["state"].items()},
                   "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in full["param_groups"]]}
             # every process read the same full file: each keeps its own shard of it. strict=False:
             # AdamW holds no state for a parameter that never had a gradient (the ViT layers after
             # the selected feature layer), and the file was checked against a probe already
-            set_optimizer_state_dict(self.module, self.torch_optimizer, optim_state_dict=sd,
+            set_optimizer_state_dict(self.live_module, self.live_optimizer, optim_state_dict=sd,
                                      options=StateDictOptions(full_state_dict=True, strict=False))
             return
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        for g, saved in zip(self.torch_optimizer.param_groups, full["param_groups"]):
+        for g, saved in zip(self.live_optimizer.param_groups, full["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
         if full["state"]:
             # ZeRO-3 creates AdamW's state on its flat partitions at the first step: create it (as
@@ -489,7 +506,7 @@ class Engine:
             flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
             for flat in flats:
                 if flat.numel():
-                    st = self.torch_optimizer.state[flat]
+                    st = self.live_optimizer.state[flat]
                     if "exp_avg" not in st:
                         st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat),
                                   exp_avg_sq=torch.zeros_like(flat))
@@ -503,12 +520,12 @@ class Engine:
                 safe_set_full_optimizer_state(params[self.names[i]], st[key], key)
         if steps:
             step = steps.pop()
-            for st in self.torch_optimizer.state.values():
+            for st in self.live_optimizer.state.values():
                 st["step"] = torch.tensor(step, dtype=torch.float32)
 
     def parts(self, scheduler: Any, scaler: Any) -> ckpt_io.Parts:
         """The checkpoint's view of this engine's live objects."""
-        return ckpt_io.Parts(self.module, self.optimizer, scheduler, scaler, model_state=self.model_state,
+        return ckpt_io.Parts(self.live_module, self.optimizer, scheduler, scaler, model_state=self.model_state,
                              optimizer_state=self.optimizer_state, load_optimizer=self.load_optimizer)
 
 

@@ -5,6 +5,14 @@ data parallel, FSDP2 or DeepSpeed ZeRO-2/3 as the launch's accelerate config say
 overridden; a requested engine that is not what ends up active stops the run before training
 (:mod:`.distributed`, docs/training.md).
 
+* The arguments: :class:`~.config.TrainConfig` (its fields also make ``hires train``'s flags).
+* :func:`train` runs in named phases: :func:`_start` (accelerator, processes, output directory,
+  resume point), :func:`_model_for_stage`, :func:`_load_data`, :class:`_Optimization`,
+  :func:`_read_checkpoint`, :func:`_prepare`, :func:`_restore_position`, :func:`_record_start`,
+  :func:`_loop` (:func:`_step` per optimizer step) and :func:`_finish`.
+* Visual tokens are counted as the model splices them (:class:`~.batches.ImagePlanner`: a composed
+  method's compressed count) within ``max_visual_tokens`` when one is given (saved in the model's
+  ``plan_options``); a record over ``max_length``, or whose image no plan fits, is a bad record.
 * AdamW, cosine schedule with linear warmup, gradient accumulation, gradient clipping.
 * Deterministic global batches (:mod:`.batches`): a resumed run continues exactly.
 * Checkpoints (:mod:`.checkpoint`): ``OUT/checkpoints/step-XXXXXXX`` written to a temporary
@@ -141,9 +149,10 @@ def _model_for_stage(cfg: TrainConfig, engine: Engine, *, for_training: bool = T
         # transformers >= 5.x renamed it (the old name warns and goes in v6)
         enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
         enable()
-        model.visual.vit.gradient_checkpointing = True
-        if hasattr(model.visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
-            model.visual.vision_tower.convnext.gradient_checkpointing = True
+        visual: Any = model.visual  # each method's visual module: its encoders are attributes, not typed
+        visual.vit.gradient_checkpointing = True
+        if hasattr(visual, "vision_tower"):  # LLaVA-HR's ConvNeXt
+            visual.vision_tower.convnext.gradient_checkpointing = True
     template = _template(cfg, stage)
     model.config.template = template.name  # recorded in config.json: prediction uses the same template
     return model, stage, groups, template
@@ -252,8 +261,9 @@ def _resume_point(cfg: TrainConfig, out: Path, procs: ckpt_io.Processes) -> tupl
 
 def _position(saved: dict[str, Any], path: Path, steps_per_epoch: int) -> dict[str, int]:
     """The data position of a checkpoint's state, checked: the loop indexes with it."""
-    pos = {k: saved.get(k) for k in ("step", "epoch", "batch_in_epoch", "accelerator_step")}
-    if not all(_is_int(v) and v >= 0 for v in pos.values()) or pos["batch_in_epoch"] > steps_per_epoch:
+    raw = {k: saved.get(k) for k in ("step", "epoch", "batch_in_epoch", "accelerator_step")}
+    pos = {k: v for k, v in raw.items() if _is_int(v) and v >= 0}
+    if len(pos) < len(raw) or pos["batch_in_epoch"] > steps_per_epoch:
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has no valid step and data position")
     return pos
 
@@ -600,6 +610,7 @@ def _finish(run: _Run, live: _Live, stage: Stage) -> None:
         if main:
             set_seed(cfg.seed)
             final, _, _, _ = _model_for_stage(cfg, engine, for_training=False)
+            assert full is not None  # gathered onto the main process
             ckpt_io.load_model_tensors(run.out, final, full)
             save_final(final, run.out, stage, cfg, distributed)
     elif main:
