@@ -371,3 +371,16 @@ def test_composed_selector_splices_within_the_announced_bound():
     announced = proc.num_visual_tokens([img])[0]
     n = _spliced(model, proc(text=["Look: <image>\nWhat is small?"], images=[img]))[0]
     assert 0 < n <= announced == model.prepare_image(img).plan.num_visual_tokens
+
+
+def test_model_imports_no_methods_module():
+    """The methods ↔ model cycle stays cut: the model module (which builds models from configs,
+    :func:`hires_lmm.model.build_from_config`) needs nothing of :mod:`hires_lmm.methods`, which
+    imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hires_lmm.model as m, hires_lmm.processing, hires_lmm.visual; "
+            "assert 'hires_lmm.methods' not in sys.modules, 'methods imported'; "
+            "import hires_lmm.methods as s; assert s.build_from_config is m.build_from_config")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+from typing import cast
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, TemperatureLogitsWarper, TopPLogitsWarper
@@ -56,7 +57,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     """
     if temperature <= 0:
         return logits.argmax(-1).cpu()
-    scores = sampling_processors(temperature, top_p)(None, logits.float())  # warpers ignore input_ids
+    no_ids = cast(torch.LongTensor, logits.new_empty((logits.shape[0], 0), dtype=torch.long))  # warpers ignore input_ids
+    scores = sampling_processors(temperature, top_p)(no_ids, logits.float())
     probs = torch.softmax(scores, dim=-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -197,7 +199,7 @@ class StopStringCriteria(StoppingCriteria):
                 else:
                     m.push(t)
             done.append(m.stopped)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor(done, dtype=torch.bool, device=input_ids.device))
 
 
 __all__ = ["IncrementalDecoder", "StopMatcher", "StopStringCriteria", "sample_next", "sampling_processors",

@@ -131,7 +131,8 @@ def build_model(method: str | os.PathLike | Mapping[str, Any] | MethodSpec, *, t
     vit, cnx = _load_encoders(config, vision, convnext if needs_convnext else None)
     model = build_from_config(config, tok, llm=lm, vit=vit, convnext=cnx)
     if torch_dtype is not None:
-        model.to(torch_dtype)
+        # transformers' @wraps(nn.Module.to) makes mypy see PreTrainedModel.to unbound (dtype as self)
+        model.to(torch_dtype)  # type: ignore[arg-type]
     return model.eval()
 
 
@@ -143,7 +144,7 @@ def _load_encoders(config: HiresConfig, vision: str | os.PathLike | None,
         from .vision.vit import ViT
 
         vit = ViT.from_pretrained(vision)
-        config.vision_config = copy.deepcopy(vit.vision_tower.config.to_dict())
+        config.vision_config = copy.deepcopy(vit.config.to_dict())
     if convnext is not None:
         from .vision.convnext import ConvNeXt
 

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,7 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GenerationMixin,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -107,6 +108,17 @@ class HiresOutput(CausalLMOutputWithPast):
     batch: Batch | None = None
 
 
+def _input_embedding(llm: PreTrainedModel) -> nn.Embedding:
+    """The LLM's input embedding (transformers types it as any ``nn.Module``; every causal LM's
+    is an ``nn.Embedding``, or a subclass such as Gemma's scaled one)."""
+    return cast(nn.Embedding, llm.get_input_embeddings())
+
+
+def _rows(x: Sequence[torch.Tensor] | torch.Tensor) -> Sequence[torch.Tensor]:
+    """Per-sample 1-D tensors: a list as given, the rows of a (B, T) tensor."""
+    return list(x) if isinstance(x, torch.Tensor) else x
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counting real tokens only: what :meth:`HiresLMM.build_inputs` gives."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -140,12 +152,12 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         if llm is None:
             llm = AutoModelForCausalLM.from_config(config.llm_config())
         if visual is None:
-            visual = build_visual(config, llm.get_input_embeddings().embedding_dim)
+            visual = build_visual(config, _input_embedding(llm).embedding_dim)
         self.llm = llm
         self.tokenizer = tokenizer
         self.visual = visual
         self.image_token_id = ensure_image_token(tokenizer)
-        if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        if _input_embedding(self.llm).num_embeddings < len(tokenizer):
             self.llm.resize_token_embeddings(len(tokenizer))
         # only the separators this method's visual module splices must be single tokens (a
         # word-level tokenizer has none, and llava-1.5/-next/-hr/inf-llava never use them)
@@ -197,11 +209,11 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     # --- images ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
+        return _input_embedding(self.llm).weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        return _input_embedding(self.llm).weight.dtype
 
     def plan(self, size: tuple[int, int], **plan_options: Any) -> Plan:
         """The plan of an image of ``size`` = (width, height), with the token count this model's
@@ -330,7 +342,11 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             llm_kwargs.update(cache_kwargs(self.llm, cache))
         if isinstance(input_ids, (list, tuple)) or images is not None:
-            return self._forward_lists(input_ids, images, labels, **llm_kwargs)
+            if input_ids is None:
+                raise ModelLoadError("images need input_ids (one 1-D tensor per sample)")
+            return self._forward_lists(_rows(input_ids), images, None if labels is None else _rows(labels), **llm_kwargs)
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise ModelLoadError("labels of a (batch, length) input are a (batch, length) tensor")
         if inputs_embeds is not None:
             if input_ids is not None:
                 raise ModelLoadError("give input_ids or inputs_embeds, not both")
@@ -341,6 +357,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
             return HiresOutput(loss=out.loss, logits=out.logits, **{CACHE_FIELD: output_cache(out)})
         if input_ids is None:
             raise ModelLoadError("forward needs input_ids (or inputs_embeds)")
+        if not isinstance(input_ids, torch.Tensor):
+            raise ModelLoadError("input_ids: a (batch, length) tensor, or a list of 1-D tensors")
         if cache is not None and pixel_values is None and cache.get_seq_length() > 0:
             record = self._splices.get(cache)
             if record is not None:  # after a prefill that spliced images
@@ -356,12 +374,13 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
     def _forward_lists(self, input_ids: Sequence[torch.Tensor], images: Sequence[Sequence[ImageInput]] | None,
                        labels: Sequence[torch.Tensor] | None, **llm_kwargs: Any) -> HiresOutput:
         batch = self.build_inputs(input_ids, images if images is not None else [[] for _ in input_ids], labels)
-        mask = batch.attention_mask
+        full = batch.attention_mask
+        mask: torch.Tensor | None = full
         # training on right padding: a real token never attends to a later position, so the causal
         # mask alone is exact for every real position (pad positions carry no labels); without the
         # padding mask SDPA takes its is_causal kernel (about 2.5x faster on the CPU). Not done
         # when no labels are given: a caller may continue decoding from the returned cache.
-        if labels is not None and bool((mask[:, :-1] >= mask[:, 1:]).all()):
+        if labels is not None and bool((full[:, :-1] >= full[:, 1:]).all()):
             mask = None
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                        position_ids=batch.position_ids, labels=batch.labels, **llm_kwargs)
@@ -506,13 +525,14 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
                 self, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, generation_config=config,
                 logits_processor=processors, stopping_criteria=[criteria] if criteria else None, **generate_kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
-        texts_out = []
+        texts_out: list[str] = []
         for i, row in enumerate(sequences.tolist()):
             cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
             if criteria is not None and criteria.matchers[i].stopped:
                 texts_out.append(criteria.matchers[i].finish())
             else:
-                texts_out.append(tok.decode(row[:cut], skip_special_tokens=True))
+                text = tok.decode(row[:cut], skip_special_tokens=True)  # one sequence: a str
+                texts_out.append(text if isinstance(text, str) else "".join(text))
         return texts_out
 
     @staticmethod
@@ -521,12 +541,12 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         return sample_next(logits, temperature, top_p, gen)
 
     # --- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, max_shard_size: str | int = "5GB", *,
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, max_shard_size: str | int = "5GB",
                         is_main_process: bool = True, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Write config.json, model.safetensors (sharded with an index when large), the
         generation config, the processor's files and the tokenizer files (with its chat template).
         Written to a temporary directory first and moved into place (config.json last), so an
-        interrupted save never leaves a half-written file; other files already in ``path``
+        interrupted save never leaves a half-written file; other files already in ``save_directory``
         (checkpoints, metrics) are left alone. The new directory and files get the user's umask
         permissions, like any other file they write.
 
@@ -535,6 +555,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         from huggingface_hub import split_torch_state_dict_into_shards
         from safetensors.torch import save_file
 
+        if args:
+            raise ModelLoadError(f"save_pretrained takes the directory only, not {len(args)} more positional argument(s)")
         if not safe_serialization:
             raise ModelLoadError("hires-lmm saves safetensors only (safe_serialization=False is not supported)")
         if kwargs:
@@ -542,7 +564,7 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         if not is_main_process:
             return
 
-        path = Path(path)
+        path = Path(save_directory)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -593,11 +615,12 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *model_args: Any, config: HiresConfig | None = None,
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
+                        config: PretrainedConfig | str | os.PathLike | None = None,
                         dtype: torch.dtype | str | None = None, device_map: str | dict | torch.device | None = None,
                         torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         **kwargs: Any) -> HiresLMM:
-        """Load a directory written by :meth:`save_pretrained`.
+        """Load the directory ``pretrained_model_name_or_path``, written by :meth:`save_pretrained`.
 
         Refuses, with a one-line :class:`~hires_lmm.errors.ModelLoadError` (a ValueError; a
         missing directory or config.json is a :class:`~hires_lmm.errors.ModelNotFoundError`, also
@@ -610,8 +633,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         transformers' arguments: ``dtype`` (a ``torch.dtype``, its name, or "auto": the dtype the
         weights are stored in), ``device_map`` ("cpu", "cuda:0", a device, a ``{module: device}``
         dict, or "auto" / "balanced" / "sequential": spread over the GPUs by accelerate, never
-        splitting a visual module or a decoder layer), ``config`` (a :class:`HiresConfig` to use
-        instead of config.json's); the hub arguments the Auto classes pass are accepted and unused
+        splitting a visual module or a decoder layer), ``config`` (a :class:`HiresConfig`, or the
+        directory of one, to use instead of config.json's); the hub arguments the Auto classes pass are accepted and unused
         (the path is a local directory). ``torch_dtype`` is the older name of ``dtype``; ``device``
         is ``device_map`` with one device.
         """
@@ -620,6 +643,10 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
 
         if model_args:
             raise ModelLoadError(f"from_pretrained takes the directory only, not {len(model_args)} more positional argument(s)")
+        if pretrained_model_name_or_path is None:
+            raise ModelLoadError("from_pretrained needs a model directory")
+        if config is not None and not isinstance(config, (HiresConfig, str, os.PathLike)):
+            raise ModelLoadError(f"config must be a HiresConfig (or its directory), not {type(config).__name__}")
         unknown = sorted(set(kwargs) - _HUB_KWARGS)
         if unknown:
             raise ModelLoadError(f"from_pretrained: unsupported argument(s) {', '.join(unknown)}")
@@ -631,7 +658,7 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
             if device_map is not None:
                 raise ModelLoadError("give device_map or device, not both")
             device_map = device
-        path = Path(path)
+        path = Path(pretrained_model_name_or_path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ModelNotFoundError(f"{path}: no config.json; not a hires-lmm model directory")
@@ -656,7 +683,8 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
             what = "has no image_token" if raw.get("image_token") in (None, "") else f"has image_token {raw['image_token']!r}"
             raise ModelLoadError(f"{cfg_file}: {what}; hires-lmm models splice images at {IMAGE_TOKEN!r}")
         try:
-            config = config if config is not None else HiresConfig.from_pretrained(path)
+            if not isinstance(config, HiresConfig):
+                config = HiresConfig.from_pretrained(path if config is None else config)
             config.llm_config()  # a text_config transformers cannot rebuild fails here, named
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise ModelLoadError(f"{cfg_file}: not a usable hires-lmm config ({one_line(e)})") from None
@@ -735,7 +763,7 @@ class HiresLMM(PreTrainedModel, GenerationMixin):
         model.name_or_path = model.config._name_or_path = str(path)
         target = _resolve_dtype(dtype, state, path)
         if target is not None:
-            model.to(target)
+            model.to(target)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types PreTrainedModel.to unbound
         _place(model, device_map, target)
         return model.eval()
 
@@ -748,7 +776,7 @@ def build_from_config(config: HiresConfig, tokenizer: PreTrainedTokenizerBase, l
     method file with it, :meth:`HiresLMM.from_pretrained` the model of a saved config.json."""
     if llm is None:
         llm = AutoModelForCausalLM.from_config(config.llm_config())
-    d_llm = llm.get_input_embeddings().embedding_dim
+    d_llm = _input_embedding(llm).embedding_dim
     visual = build_visual(config, d_llm, vit=vit, convnext=convnext)
     return HiresLMM(config, llm, tokenizer, visual)
 
@@ -764,7 +792,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, state: dict[str, torch.Tenso
         for t in state.values():
             if t.is_floating_point():
                 counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-        return max(counts, key=counts.get) if counts else None
+        return max(counts, key=lambda d: counts[d]) if counts else None
     named = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(named, torch.dtype) or not named.is_floating_point:
         raise ModelLoadError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16', 'float16', 'auto')")
@@ -779,7 +807,7 @@ def _place(model: HiresLMM, device_map: str | dict | torch.device | None, dtype:
     if isinstance(device_map, (torch.device, int)) or (isinstance(device_map, str)
                                                         and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")):
         try:
-            model.to(torch.device(device_map))
+            model.to(torch.device(device_map))  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types PreTrainedModel.to unbound
         except (RuntimeError, AssertionError, ValueError) as e:
             raise ModelLoadError(f"device_map {device_map!r}: {one_line(e)}") from None
         return
@@ -798,7 +826,7 @@ def _place(model: HiresLMM, device_map: str | dict | torch.device | None, dtype:
     devices = set(device_map.values())
     if len(devices) == 1:  # one device: no hooks needed
         (only,) = devices
-        model.to(torch.device(f"cuda:{only}") if isinstance(only, int) else torch.device(only))
+        model.to(torch.device(f"cuda:{only}") if isinstance(only, int) else torch.device(only))  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) types PreTrainedModel.to unbound
         return
     if "disk" in devices:
         raise ModelLoadError("device_map places weights on 'disk'; hires-lmm keeps every weight in memory")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.image_processing_base import BatchFeature as ImageBatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -264,11 +265,12 @@ class HiresImageProcessor(BaseImageProcessor):
                              fast=self.fast_decode if fast is None else fast, max_pixels=self.max_pixels,
                              method_spec=self.method_spec)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> ImageBatchFeature:
+        """:meth:`preprocess`."""
+        return self.preprocess(images, *args, **kwargs)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", fast_decode: bool | None = None,
-                   **kwargs: Any) -> BatchFeature:
+                   **kwargs: Any) -> ImageBatchFeature:
         """``images``: one image, a list (one sample per image) or a list of lists (per sample)."""
         if kwargs:
             raise ProcessorInputError(f"HiresImageProcessor got unknown argument(s) {', '.join(sorted(kwargs))}")
@@ -276,15 +278,18 @@ class HiresImageProcessor(BaseImageProcessor):
             raise ProcessorInputError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors)")
         samples = _per_sample(images)
         prepared = [[self.prepare(im, fast=fast_decode) for im in s] for s in samples]
-        return BatchFeature(pack_images(prepared))
+        return ImageBatchFeature(pack_images(prepared))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> HiresImageProcessor:
-        """From ``preprocessor_config.json``; for a model directory saved before the processor
-        existed, from its ``config.json`` (method and plan options)."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
+                        **kwargs: Any) -> HiresImageProcessor:
+        """From ``preprocessor_config.json`` in the directory ``pretrained_model_name_or_path``;
+        for a model directory saved before the processor existed, from its ``config.json`` (method
+        and plan options). transformers' hub arguments are accepted and unused (a local directory)."""
+        _no_more_positional("HiresImageProcessor.from_pretrained", args)
         for k in _HUB_KWARGS:
             kwargs.pop(k, None)
-        p = Path(path)
+        p = Path(pretrained_model_name_or_path)
         f = p / PREPROCESSOR_NAME
         if f.is_file():
             d = _read_json(f)
@@ -306,9 +311,11 @@ class HiresImageProcessor(BaseImageProcessor):
             out["method_spec"] = self.method_spec
         return out
 
-    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> list[str]:  # noqa: ARG002
-        Path(path).mkdir(parents=True, exist_ok=True)
-        f = Path(path) / PREPROCESSOR_NAME
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> list[str]:  # noqa: ARG002
+        """Write ``preprocessor_config.json`` (:meth:`to_dict`) into ``save_directory``."""
+        _no_more_positional("HiresImageProcessor.save_pretrained", args)
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        f = Path(save_directory) / PREPROCESSOR_NAME
         f.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         return [str(f)]
 
@@ -316,6 +323,13 @@ class HiresImageProcessor(BaseImageProcessor):
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "resume_download", "revision",
                "subfolder", "token", "use_auth_token", "trust_remote_code", "_from_auto", "_commit_hash",
                "code_revision", "backend", "use_fast")
+
+
+def _no_more_positional(what: str, args: tuple[Any, ...]) -> None:
+    """Refuse positional arguments after the directory (transformers' hub options, e.g.
+    ``push_to_hub``, which a local directory does not use, are keywords)."""
+    if args:
+        raise ProcessorInputError(f"{what} takes the directory only, not {len(args)} more positional argument(s)")
 
 
 def _read_json(f: Path) -> dict[str, Any]:
@@ -528,10 +542,12 @@ class HiresProcessor(ProcessorMixin):
     def to_dict(self) -> dict[str, Any]:
         return {"processor_class": type(self).__name__, "hires_chat_template": self.chat_template}
 
-    def save_pretrained(self, path: str | os.PathLike, *, tokenizer: bool = True, **kwargs: Any) -> list[str]:  # noqa: ARG002
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, tokenizer: bool = True,
+                        **kwargs: Any) -> list[str]:  # noqa: ARG002
         """Write ``preprocessor_config.json``, ``processor_config.json`` (with the chat template)
-        and, unless ``tokenizer=False``, the tokenizer's files."""
-        p = Path(path)
+        and, unless ``tokenizer=False``, the tokenizer's files into ``save_directory``."""
+        _no_more_positional("HiresProcessor.save_pretrained", args)
+        p = Path(save_directory)
         p.mkdir(parents=True, exist_ok=True)
         files = self.image_processor.save_pretrained(p)
         (p / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -541,12 +557,13 @@ class HiresProcessor(ProcessorMixin):
         return files
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> HiresProcessor:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> HiresProcessor:
         """From a directory written by :meth:`save_pretrained` or :meth:`HiresLMM.save_pretrained`
         (also one saved before the processor existed: method and plan options from config.json)."""
+        _no_more_positional("HiresProcessor.from_pretrained", args)
         for k in _HUB_KWARGS:
             kwargs.pop(k, None)
-        p = Path(path)
+        p = Path(pretrained_model_name_or_path)
         if not p.is_dir():
             raise ProcessorInputError(f"{p}: no such directory")
         image_processor = HiresImageProcessor.from_pretrained(p, **kwargs)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 from torch import Tensor
@@ -86,7 +86,8 @@ class DualPathVisual(ComposedVisual):
 
     @property
     def vit(self) -> ViT:
-        return self.vision_tower.vit
+        tower: Any = self.vision_tower  # a DualPathEncoder, set by the encoder part's build()
+        return cast(ViT, tower.vit)
 
 
 #: the presets' classes (same behaviour; the names are what device maps and older code know)
