@@ -11,13 +11,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 # the error classes live in a leaf module: under ``python -m hires_lmm.cli`` this file is loaded
 # twice, and classes defined here would exist twice (one copy's raise escaping the other's except)
 from .errors import CLIError, HiresError, one_line
 from .plan import METHODS, Plan, parse_size, plan_image
 from .plan.format import format_budget, format_plan  # noqa: F401  (format_plan: re-exported, its old home)
+
+if TYPE_CHECKING:
+    from .vision.vit import ViT
 
 #: modules that add subcommands through ``register(subparsers)`` (each parser sets ``func``;
 #: raising :class:`CLIError`, or any :class:`~hires_lmm.errors.HiresError`, prints a clean
@@ -199,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ids = torch.tensor(model.tokenizer(f"{model.config.image_token}\nDescribe the image.", add_special_tokens=False).input_ids)
     with torch.no_grad():
         out = model([ids], [[image]])
-    vit = model.visual.vit
+    vit = cast("ViT", model.visual.vit)  # every method's visual module holds its ViT as .vit
     params = {"total": sum(p.numel() for p in model.parameters()),
               "llm": sum(p.numel() for p in model.llm.parameters()),
               "vision_encoder": sum(p.numel() for p in vit.parameters())}

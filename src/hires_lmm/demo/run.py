@@ -151,7 +151,7 @@ def pretrain_encoders(out: Path, cfg: DemoConfig, progress: bool = True) -> dict
     crops = SynthCrops(out / "data", scales, 336, vit.patch_size, max_images=cfg.pretrain_images)
     res = pretrain_dense(vit, crops, crops.num_classes, steps=cfg.vit_steps, batch_size=cfg.vit_batch,
                          lr=cfg.pretrain_lr, seed=cfg.seed, desc="[encoders] ViT", progress=progress)
-    vit.vision_tower.save_pretrained(enc / "vit")
+    vit.vision_tower.save_pretrained(enc / "vit")  # type: ignore[operator]  # a transformers model, typed as Module
     report["vit"] = {"scales": scales, **asdict(res)}
     print(f"[encoders] ViT: {res.steps} steps in {res.seconds:.0f}s at scales {scales}: cell accuracy "
           f"{res.fg_acc:.1%} on the target, {res.bg_acc:.1%} elsewhere")
