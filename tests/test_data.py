@@ -23,6 +23,7 @@ from hires_lmm.data import (
     RecordError,
     TemplateError,
     TokenizationMismatchError,
+    VisualTokenCounter,
     check_alignment,
     collate,
     get_template,
@@ -680,3 +681,57 @@ def test_length_grouped_sampler():
         assert ranks[0][:4] != ranks[1][:4]
     with pytest.raises(ValueError, match="rank"):
         LengthGroupedSampler(lengths, 4, world_size=2, rank=2)
+
+
+# --- composed methods: counted as the model splices ------------------------------------------------------
+
+NEXT_UHD = {"base": "llava-next", "compressor": "uhd-spatial"}
+
+
+def test_visual_token_counter_counts_a_composed_method_by_its_parts():
+    from hires_lmm.parts import spec_from_dict
+    from hires_lmm.processing import plan_for
+
+    spec = spec_from_dict(NEXT_UHD)
+    for size in [(64, 48), (1000, 700), (300, 1200)]:
+        composed = VisualTokenCounter("llava-next", method_spec=NEXT_UHD)
+        assert composed(size) == spec.plan(size).num_visual_tokens == plan_for("llava-next", size, None, NEXT_UHD).num_visual_tokens
+        assert composed(size) < plan_image("llava-next", size).num_visual_tokens  # the planner alone over-counts
+        assert VisualTokenCounter(None, {}, method_spec=spec)(size) == composed(size)  # a MethodSpec, no method
+        # a budget applies to the composed count (the planner alone would refuse 600 for 1000x700)
+        budgeted = VisualTokenCounter("llava-next", {"max_visual_tokens": 600}, method_spec=NEXT_UHD)
+        assert budgeted(size) == plan_for("llava-next", size, {"max_visual_tokens": 600}, NEXT_UHD).num_visual_tokens <= 600
+        # a preset (no spec, or an empty one) is the planner's count, as before
+        assert VisualTokenCounter("llava-next")(size) == plan_image("llava-next", size).num_visual_tokens
+        assert VisualTokenCounter("llava-next", method_spec={})(size) == plan_image("llava-next", size).num_visual_tokens
+    assert VisualTokenCounter("llava-next", method_spec=NEXT_UHD).name == spec.name
+    with pytest.raises(ValueError, match="method or a method_spec"):
+        VisualTokenCounter(None)
+
+
+def test_validate_counts_a_composed_method_by_its_parts(bad_data):
+    from hires_lmm.parts import spec_from_dict
+
+    img, path = bad_data
+    recs = load_records(path, strict=False)
+    tok = tokenizer("byte")
+    spec = spec_from_dict(NEXT_UHD)
+    n = spec.plan((64, 48)).num_visual_tokens
+    n6 = n + spec.plan((40, 40)).num_visual_tokens  # r6: good.png and good.jpg
+    preset6 = plan_image("llava-next", (64, 48)).num_visual_tokens + plan_image("llava-next", (40, 40)).num_visual_tokens
+    assert n6 < preset6
+    enc0 = get_template("vicuna_v1").encode(tok, recs[0].conversations)[0]
+    text6 = len(get_template("vicuna_v1").encode(tok, recs[6].conversations)[0]) - 2
+    # r6 (two images and a long question) fits max_length by the composed count, not by the planner's
+    limit = text6 + n6
+    report = validate(recs, image_folder=img, tokenizer=tok, template="vicuna_v1", max_length=limit,
+                      method="llava-next", method_spec=NEXT_UHD)
+    assert [r.id for r in report.ok_records] == ["r0", "r6", "r7"]
+    assert report.lengths[:2] == [len(enc0) - 1 + n, limit]
+    over = validate(recs, image_folder=img, tokenizer=tok, template="vicuna_v1", max_length=limit - 1,
+                    method=None, method_spec=NEXT_UHD)
+    (msg,) = [p.message for p in over.problems if p.record_id == "r6"]
+    assert f"{n6} visual for 2 image(s) with {spec.name}" in msg
+    preset_report = validate(recs, image_folder=img, tokenizer=tok, template="vicuna_v1", max_length=limit,
+                             method="llava-next")
+    assert "r6" not in [r.id for r in preset_report.ok_records]

@@ -438,16 +438,38 @@ def check_image(path: str, mode: bool | str = True) -> tuple[tuple[int, int] | N
 
 
 class VisualTokenCounter:
-    """``num_visual_tokens`` of a method's plan per image size, cached (plans are pure geometry)."""
+    """``num_visual_tokens`` of a method's plan per image size, cached (plans are pure geometry).
 
-    def __init__(self, method: str, plan_options: Mapping[str, Any] | None = None) -> None:
+    ``method_spec`` (a composed method: the model config's ``method_spec``, its method-file form,
+    or a :class:`~hires_lmm.parts.MethodSpec`) counts as the model splices
+    (:func:`hires_lmm.processing.plan_for`: e.g. LLaVA-NeXT's tiles through UHD's resampler are
+    ~4x fewer tokens than the planner's count of ``method``, and a budget in ``plan_options``
+    applies to the composed count); ``plan_options`` then replace its views options, as the model's
+    config does (None keeps the spec's own). ``method`` may be None with a ``method_spec``.
+    """
+
+    def __init__(self, method: str | None, plan_options: Mapping[str, Any] | None = None, *,
+                 method_spec: Any = None) -> None:
         self.method, self.options = method, dict(plan_options or {})
+        self.spec: Any = None
+        if method_spec is not None:
+            from ..processing import method_spec_of  # torch / transformers: only for a composed method
+
+            self.spec = method_spec_of(method_spec, None if plan_options is None else self.options)
+        if self.spec is None and method is None:
+            raise ValueError("VisualTokenCounter needs a method or a method_spec")
         self._cache: dict[tuple[int, int], int] = {}
+
+    @property
+    def name(self) -> str:
+        """The method as its plans name it (a composed method's spec name)."""
+        return str(self.spec.name) if self.spec is not None else str(self.method)
 
     def __call__(self, size: tuple[int, int]) -> int:
         n = self._cache.get(size)
         if n is None:
-            n = self._cache[size] = plan_image(self.method, size, **self.options).num_visual_tokens
+            plan = self.spec.plan(size) if self.spec is not None else plan_image(str(self.method), size, **self.options)
+            n = self._cache[size] = int(plan.num_visual_tokens)
         return n
 
 
@@ -492,7 +514,7 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
              template: str | ChatTemplate, max_length: int | None, method: str | None,
              plan_options: Mapping[str, Any] | None = None, check_images: bool | str = True,
              add_bos: bool | None = None, num_workers: int = 8, progress: bool | None = None,
-             chunk_size: int = 1024) -> ValidationReport:
+             chunk_size: int = 1024, method_spec: Any = None) -> ValidationReport:
     """Find every bad record before training.
 
     Per record: structural problems (:func:`check_record`); each image missing, not an image,
@@ -501,13 +523,17 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
     ids differing from the whole text tokenised (:func:`check_alignment`); no trained-on token;
     and the sequence longer than ``max_length``, counting each image as
     ``plan_image(method, size, **plan_options).num_visual_tokens`` tokens in place of its
-    placeholder. Each distinct image file is read once (threads: file access dominates); records
-    are tokenised ``chunk_size`` at a time in one batched tokenizer call.
+    placeholder, or, with ``method_spec`` (a composed method: the model config's ``method_spec``),
+    the count its parts splice (:class:`VisualTokenCounter`; pass it whenever the model has one:
+    the planner's count of ``method`` alone is wrong for it). Each distinct image file is read
+    once (threads: file access dominates); records are tokenised ``chunk_size`` at a time in one
+    batched tokenizer call.
     """
     from tqdm.auto import tqdm
 
     tpl = get_template(template)
-    if max_length is not None and check_images and method is None and any(r.images for r in records):
+    counts = method is not None or method_spec is not None
+    if max_length is not None and check_images and not counts and any(r.images for r in records):
         raise ValueError("validate needs the method to count visual tokens against max_length")
     show = len(records) >= 10_000 if progress is None else progress
     sizes: dict[str, tuple[tuple[int, int] | None, str | None]] = {}
@@ -522,7 +548,7 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
             results = pool.map(lambda p: check_image(p, check_images), paths)
             for p, res in zip(paths, tqdm(results, total=len(paths), desc="images", disable=not show)):
                 sizes[p] = res
-    count = VisualTokenCounter(method, plan_options) if method is not None else None
+    count = VisualTokenCounter(method, plan_options, method_spec=method_spec) if counts else None
     problems: list[Problem] = []
     ok: list[Record] = []
     lengths: list[int] = []
@@ -566,7 +592,7 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
                 if max_length is not None and total > max_length:
                     mine.append(Problem(r.id, r.source, (
                         f"sequence of {total} tokens ({n_text - len(known)} text + {visual} visual for {len(known)} "
-                        f"image(s) with {method}) exceeds max_length {max_length}")))
+                        f"image(s) with {count.name}) exceeds max_length {max_length}")))
             elif n_text is not None and max_length is not None and n_text > max_length:
                 mine.append(Problem(r.id, r.source, f"sequence of {n_text} text tokens exceeds max_length {max_length}"))
             if mine:

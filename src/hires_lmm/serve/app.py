@@ -40,8 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..model import HiresLMM
-from ..plan import METHODS, plan_image
-from ..plan.cost import plan_cost
+from ..plan import METHODS
 from .config import MiB
 from .engine import Engine, GenRequest
 from .errors import APIError
@@ -161,10 +160,7 @@ class Server:
 
     def _plan_with_cost(self, req: Any) -> dict[str, Any]:
         """The plan answer plus the plan's cost (the page compares methods by it)."""
-        out = self.service.prepare_plan(req)
-        options = self.service.plan_options(out["method"], req.max_visual_tokens)  # as prepare_plan planned it
-        out["cost"] = plan_cost(plan_image(out["method"], tuple(out["plan"]["image_size"]), **options)).to_json()
-        return out
+        return self.service.prepare_plan(req, with_cost=True)  # the cost of the plan it answers
 
     async def chat(self, request: Request) -> Response:
         data = await self.json_body(request)

@@ -24,8 +24,10 @@ while one changes its truncation or padding settings, which every ``tokenizer(..
 Visual tokens. Every image is counted from its plan before anything is decoded or encoded
 (:meth:`HiresLMM.plan`: a composed method's count is its parts'), within the request's
 ``max_visual_tokens`` when it sets one (over the model's ``plan_options``); the images are then
-planned and rendered with the same options, so ``usage.prompt_tokens`` is that count plus the
-text's. An image no plan fits within the budget is a 400 naming the budget.
+planned and rendered by :meth:`HiresLMM.prepare_image` with the same options (the same plan: for a
+composed method its parts' count, and under a budget the views that count chose), so
+``usage.prompt_tokens`` is that count plus the text's. An image no plan fits within the budget is
+a 400 naming the budget. ``/v1/plan`` of the model's method is the same plan, with the parts' cost.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from ..image import ImageLoadError
 from ..model import HiresLMM
 from ..plan import METHODS, Plan, plan_image
 from ..plan.budget import BudgetError
-from ..processing import ImageInput, prepare_image
+from ..plan.cost import CostReport, plan_cost
+from ..processing import ImageInput, method_spec_of
 from ..text import IMAGE_TOKEN
 from .config import ServeConfig
 from .engine import GenRequest, SamplingParams
@@ -245,15 +248,17 @@ class Service:
         if text_tokens >= self.max_model_len:
             raise self._too_long(text_tokens, 0, req.max_tokens)
         sources = [(resolve_image_url(url, param, cfg.allowed_local_media_path), param) for url, param in req.images]
-        # the request's budget, if any, over the model's plan options: counted here, before encoding
-        options = self.plan_options(self.model.config.method, req.max_visual_tokens)
-        plans = [self._count_plan(checked_size(src, param, cfg.max_image_pixels), param, options, req)
+        # the request's budget, if any, over the model's plan options: counted here, before encoding,
+        # through the model's own plan (a composed method's count is its parts', and its budget the
+        # composed count's), and the images then rendered from that same plan
+        budget = budget_options(req.max_visual_tokens)
+        plans = [self._count_plan(checked_size(src, param, cfg.max_image_pixels), param, budget, req)
                  for src, param in sources]
         visual = sum(p.num_visual_tokens for p in plans)
         prompt = text_tokens + visual
         if prompt >= self.max_model_len or (req.max_tokens is not None and prompt + req.max_tokens > self.max_model_len):
             raise self._too_long(text_tokens, visual, req.max_tokens)
-        images = [self._prepare(src, param, options, req) for src, param in sources]
+        images = [self._prepare(src, param, budget, req) for src, param in sources]
         left = self.max_model_len - prompt
         max_tokens = req.max_tokens if req.max_tokens is not None else min(left, cfg.default_max_tokens or left)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -261,13 +266,36 @@ class Service:
         return GenRequest(input_ids=ids, images=images, params=params, prompt_tokens_est=prompt,
                           id=f"chatcmpl-{uuid.uuid4().hex}")
 
+    def is_model_method(self, method: str | None) -> bool:
+        """Whether ``method`` (a planner name, None = the model's) is planned as the served model
+        plans: through its ``method_spec`` when it is a composed method (whose ``method`` is its
+        views' planner, e.g. ``llava-next`` for NeXT's tiles through UHD's resampler)."""
+        return method is None or method == self.model.config.method
+
     def plan_options(self, method: str, budget: int | None) -> dict[str, Any]:
         """The planner options for ``method``: the model's ``plan_options`` when it is the model's
-        method (else the planner's defaults), with a request's ``budget`` as ``max_visual_tokens``."""
-        options = dict(self.model.config.plan_options or {}) if method == self.model.config.method else {}
-        if budget is not None:
-            options["max_visual_tokens"] = budget
+        method (else the planner's defaults), with a request's ``budget`` as ``max_visual_tokens``.
+        For the model's own method plan with :meth:`plan` instead: these options alone miss a
+        composed method's parts (``method_spec``)."""
+        options = dict(self.model.config.plan_options or {}) if self.is_model_method(method) else {}
+        options.update(budget_options(budget))
         return options
+
+    def plan(self, method: str | None, size: tuple[int, int], budget: int | None = None) -> Plan:
+        """The plan of an image of ``size`` for ``method`` (None = the model's) within ``budget``:
+        the model's own plan (:meth:`HiresLMM.plan`, the count it splices, a composed method's
+        included) for the model's method, else the planner's plan of that preset with its
+        defaults. A budget no plan fits raises :class:`BudgetError`."""
+        if self.is_model_method(method):
+            return self.model.plan(size, **budget_options(budget))
+        return plan_image(method or self.model.config.method, size, **budget_options(budget))
+
+    def plan_cost(self, method: str | None, plan: Plan) -> CostReport:
+        """The cost of ``plan`` (from :meth:`plan` of the same ``method``): a composed model
+        method's by its parts (:meth:`hires_lmm.parts.MethodSpec.cost_of`), else the planner's."""
+        spec = method_spec_of(self.model.config.method_spec, self.model.config.plan_options or {}) \
+            if self.is_model_method(method) else None
+        return spec.cost_of(plan) if spec is not None else plan_cost(plan)
 
     def _budget_error(self, e: BudgetError, image_param: str, req: ChatRequest | PlanRequest) -> APIError:
         """400 for an image no plan fits within the budget (the request's, else the model's)."""
@@ -277,24 +305,26 @@ class Service:
         return bad_request(f"'{image_param}': {e} (the model's configured budget); send a larger "
                            "'max_visual_tokens' or a smaller image", param=image_param, code="invalid_value")
 
-    def _count_plan(self, size: tuple[int, int], param: str, options: dict[str, Any], req: ChatRequest) -> Plan:
+    def _count_plan(self, size: tuple[int, int], param: str, budget: dict[str, Any], req: ChatRequest) -> Plan:
         """The plan with the token count the model will splice (a composed method's included)."""
         try:
-            return self.model.plan(size, **options)
+            return self.model.plan(size, **budget)
         except BudgetError as e:
             raise self._budget_error(e, param, req) from None
 
-    def _prepare(self, src: ImageBytesOrPath, param: str, options: dict[str, Any], req: ChatRequest) -> ImageInput:
-        """The image loaded (limits applied), planned with ``options`` and rendered; with
-        ``--fast-decode`` planned from the header and decoded reduced."""
-        cfg, method = self.config, self.model.config.method
+    def _prepare(self, src: ImageBytesOrPath, param: str, budget: dict[str, Any], req: ChatRequest) -> ImageInput:
+        """The image loaded (limits applied), planned as the model plans it (:meth:`HiresLMM.prepare_image`:
+        its ``plan_options`` and ``method_spec``, the request's ``budget`` over them) and rendered;
+        with ``--fast-decode`` planned from the header and decoded reduced."""
+        cfg = self.config
         try:
             if cfg.fast_decode:
                 try:
-                    return prepare_image(src, method, options, fast=True, max_pixels=cfg.max_image_pixels)
+                    return self.model.prepare_image(src, fast=True, max_pixels=cfg.max_image_pixels, **budget)
                 except ImageLoadError as e:
                     raise _load_error(e, param) from None
-            return prepare_image(load_checked(src, param, cfg.max_image_pixels), method, options)
+            return self.model.prepare_image(load_checked(src, param, cfg.max_image_pixels),
+                                            max_pixels=cfg.max_image_pixels, **budget)
         except BudgetError as e:
             raise self._budget_error(e, param, req) from None
 
@@ -306,20 +336,25 @@ class Service:
             "shorten the messages, send fewer or smaller images, or lower max_tokens",
             param="messages", code="context_length_exceeded")
 
-    def prepare_plan(self, req: PlanRequest) -> dict[str, Any]:
+    def prepare_plan(self, req: PlanRequest, *, with_cost: bool = False) -> dict[str, Any]:
         """The plan JSON of the image (the model's method unless another is asked; within the
-        request's ``max_visual_tokens`` when it sets one), and the overlay picture of :func:`hires_lmm.image.overlay.draw_plan` as a PNG data URL."""
+        request's ``max_visual_tokens`` when it sets one), and the overlay picture of
+        :func:`hires_lmm.image.overlay.draw_plan` as a PNG data URL; with ``with_cost`` its
+        :meth:`plan_cost` as ``cost``. The model's method (asked or not) is planned as the model
+        plans it (:meth:`plan`: a composed method's count and budget are its parts'); another
+        method by the planner, with its defaults."""
         cfg = self.config
         src = resolve_image_url(req.image, "image", cfg.allowed_local_media_path)
         size = checked_size(src, "image", cfg.max_image_pixels)
         method = req.method or self.model.config.method
-        options = self.plan_options(method, req.max_visual_tokens)
         try:
-            plan = plan_image(method, size, **options)
+            plan = self.plan(method, size, req.max_visual_tokens)
         except BudgetError as e:
             raise self._budget_error(e, "image", req) from None
         out: dict[str, Any] = {"object": "plan", "method": method, "model_method": self.model.config.method,
                                "plan": plan.to_json()}
+        if with_cost:
+            out["cost"] = self.plan_cost(method, plan).to_json()
         if req.overlay:
             from ..image.overlay import draw_plan
 
@@ -333,9 +368,19 @@ class Service:
         return out
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.config.served_model_name, "object": "model", "created": self.created,
+        """``/v1/models``' entry; a composed method's method file as ``method_spec`` (its ``method``
+        is then its views' planner)."""
+        card = {"id": self.config.served_model_name, "object": "model", "created": self.created,
                 "owned_by": "hires-lmm", "method": self.model.config.method, "max_model_len": self.max_model_len,
                 "chat_template": self.template.name}
+        if self.model.config.method_spec:
+            card["method_spec"] = dict(self.model.config.method_spec)
+        return card
+
+
+def budget_options(budget: int | None) -> dict[str, Any]:
+    """A request's ``max_visual_tokens`` as plan options over the model's (none without one)."""
+    return {} if budget is None else {"max_visual_tokens": budget}
 
 
 def default_served_name(model_dir: str | os.PathLike) -> str:
