@@ -624,6 +624,25 @@ def test_dataset_feeds_the_model(bad_data):
     assert out.batch.attention_mask.sum(1).tolist() == ds.lengths()
 
 
+def test_dataset_lengths_of_a_composed_method_are_the_spliced_lengths(bad_data):
+    """A model of NeXT's tiles through UHD's resampler: lengths() counts its parts' tokens (the
+    planner alone counts ~4x more), equal to the attention mask of the real forward."""
+    from hires_lmm.methods import build_model
+
+    img, path = bad_data
+    recs = [r for r in load_records(path, strict=False) if r.id in ("r0", "r6", "r7")]
+    model = build_model({"base": "llava-next", "compressor": "uhd-spatial"}, tiny=True)
+    ds = LlavaDataset(recs, image_folder=img, tokenizer=model.tokenizer, template="vicuna_v1",
+                      model_prepare=model.prepare_image)
+    assert ds.method_spec is not None
+    b = collate([ds[i] for i in range(3)])
+    with torch.no_grad():
+        out = model(b["input_ids"], b["image_inputs"], labels=b["labels"])
+    assert out.batch.attention_mask.sum(1).tolist() == ds.lengths()
+    planner = LlavaDataset(recs, image_folder=img, tokenizer=model.tokenizer, template="vicuna_v1", method="llava-next")
+    assert planner.lengths()[0] > ds.lengths()[0]
+
+
 def llava_reference(lengths, batch_size, world_size, generator):
     """haotian-liu/LLaVA's get_length_grouped_indices, written out for comparison."""
     indices = torch.randperm(len(lengths), generator=generator)

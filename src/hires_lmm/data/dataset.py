@@ -33,8 +33,10 @@ class LlavaDataset(Dataset):
         template: a :class:`ChatTemplate` or its name.
         model_prepare: optional ``path -> ImageInput`` (e.g. ``model.prepare_image``): when given,
             items also carry ``image_inputs`` (loaded, planned and rendered in the DataLoader's
-            workers). A bound method of a HiresLMM also supplies ``method``/``plan_options``.
+            workers). A bound method of a HiresLMM also supplies ``method``/``plan_options``/``method_spec``.
         method, plan_options: the method whose plan counts visual tokens for :meth:`lengths`.
+        method_spec: a composed method (a config's ``method_spec``): :meth:`lengths` counts the
+            tokens its parts splice (:class:`~hires_lmm.data.records.VisualTokenCounter`).
         add_bos: as :meth:`ChatTemplate.encode` (None: as the tokenizer does).
         check: run :func:`check_alignment` on every item (one extra tokenisation).
         lengths: precomputed lengths (e.g. ``ValidationReport.lengths`` for its ``ok_records``).
@@ -44,7 +46,7 @@ class LlavaDataset(Dataset):
                  tokenizer: PreTrainedTokenizerBase, template: str | ChatTemplate,
                  model_prepare: Callable[[str], Any] | None = None, method: str | None = None,
                  plan_options: Mapping[str, Any] | None = None, add_bos: bool | None = None, check: bool = True,
-                 lengths: Sequence[int] | None = None) -> None:
+                 lengths: Sequence[int] | None = None, method_spec: Any = None) -> None:
         self.records = list(records)
         self.image_folder = image_folder
         self.tokenizer = tokenizer
@@ -53,6 +55,8 @@ class LlavaDataset(Dataset):
         config = getattr(getattr(model_prepare, "__self__", None), "config", None)
         self.method = method if method is not None else getattr(config, "method", None)
         self.plan_options = dict(plan_options if plan_options is not None else getattr(config, "plan_options", None) or {})
+        #: a composed method's spec (the model config's ``method_spec``): lengths count its parts' tokens
+        self.method_spec = method_spec if method_spec is not None else getattr(config, "method_spec", None)
         self.add_bos, self.check = add_bos, check
         if lengths is not None and len(lengths) != len(self.records):
             raise ValueError(f"{len(lengths)} lengths for {len(self.records)} records")
@@ -110,7 +114,7 @@ class LlavaDataset(Dataset):
             return self._lengths
         from tqdm.auto import tqdm
 
-        if self.method is None and any(r.images for r in self.records):
+        if self.method is None and self.method_spec is None and any(r.images for r in self.records):
             raise ValueError("lengths() needs the method to count visual tokens: pass method= "
                              "(or model_prepare=model.prepare_image)")
         show = len(self.records) >= 10_000 if progress is None else progress
@@ -119,7 +123,8 @@ class LlavaDataset(Dataset):
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
             sizes = dict(zip(paths, tqdm(pool.map(check_image, paths), total=len(paths), desc="image sizes",
                                          disable=not show)))
-        count = VisualTokenCounter(self.method, self.plan_options) if self.method is not None else None
+        count = (VisualTokenCounter(self.method, self.plan_options, method_spec=self.method_spec)
+                 if self.method is not None or self.method_spec is not None else None)
         out = []
         bar = tqdm(total=len(self.records), desc="lengths", disable=not show)
         for c0 in range(0, len(self.records), 1024):  # one batched tokenizer call per chunk
