@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 # twice, and classes defined here would exist twice (one copy's raise escaping the other's except)
 from .errors import CLIError, HiresError, one_line
 from .plan import METHODS, Plan, parse_size, plan_image
+from .plan.budget import parse_budget
 from .plan.format import format_budget, format_plan  # noqa: F401  (format_plan: re-exported, its old home)
 
 if TYPE_CHECKING:
@@ -64,17 +65,6 @@ def _sizes(texts: Sequence[str]) -> list[tuple[int, int]]:
         return [parse_size(t) for t in texts]
     except ValueError as e:
         raise CLIError(str(e)) from None
-
-
-def _budget(text: str) -> int:
-    """``--max-visual-tokens``: a positive integer (argparse prints the message as one line)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (a visual-token count), got {text!r}")
-    return value
 
 
 def _plan_or_refuse(command: str, method: str, size: tuple[int, int], budget: int | None) -> Plan | None:
@@ -294,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--out", help="draw the plan over the image into this PNG")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="decompression-bomb limit")
-    p.add_argument("--max-visual-tokens", type=_budget, metavar="B", help=BUDGET_HELP)
+    p.add_argument("--max-visual-tokens", type=parse_budget, metavar="B", help=BUDGET_HELP)
     p.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("cost", help="visual tokens and TFLOPs per image, from the plan alone")
@@ -303,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--llm-params", type=float, default=7e9, help="LLM parameter count (default 7e9)")
     c.add_argument("--llm-hidden", type=int, default=None, help="LLM hidden size (default: from --llm-params)")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--max-visual-tokens", type=_budget, metavar="B", help=BUDGET_HELP)
+    c.add_argument("--max-visual-tokens", type=parse_budget, metavar="B", help=BUDGET_HELP)
     c.set_defaults(func=cmd_cost)
 
     i = sub.add_parser("inspect", help="build a model and run a real forward on a random image")

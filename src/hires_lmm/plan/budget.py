@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import HiresError
 from .types import Plan, Size
 
-__all__ = ["BUDGET_KEYS", "BudgetError", "check_budget", "fit_budget", "record_budget", "refuse"]
+__all__ = ["BUDGET_KEYS", "BudgetError", "check_budget", "fit_budget", "parse_budget", "record_budget", "refuse"]
 
 #: the keys a budget adds to :attr:`Plan.extra` (and to ``Plan.to_json()``)
 BUDGET_KEYS: tuple[str, ...] = ("max_visual_tokens", "budget_choice")
@@ -41,6 +41,17 @@ def check_budget(budget: object) -> int:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise BudgetError(f"max_visual_tokens must be a positive integer, got {budget!r}")
     return int(budget)
+
+
+def parse_budget(text: str) -> int:
+    """``--max-visual-tokens B`` of every command (an argparse ``type``): a positive integer, or
+    ``argparse.ArgumentTypeError``, which argparse prints as one usage line."""
+    import argparse
+
+    try:
+        return check_budget(int(text))
+    except (ValueError, BudgetError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer (a visual-token count), got {text!r}") from None
 
 
 def record_budget(plan: Plan, budget: int, choice: dict[str, Any]) -> Plan:

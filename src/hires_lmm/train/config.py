@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, TypeGuard
 
-from ..plan.budget import BudgetError, check_budget
+from ..plan.budget import BudgetError, check_budget, parse_budget
 from .errors import TrainingError, one_line
 from .resume import OVERRIDABLE
 
@@ -49,14 +49,6 @@ SCHEDULES: dict[str, Callable[[int, int, int], float]] = {"cosine": cosine_with_
 
 
 # --- argparse types of the fields whose flag is not a plain int / float / str -----------------------
-
-def parse_budget(text: str) -> int:
-    """``--max-visual-tokens``: a positive integer (argparse prints the message as one line)."""
-    try:
-        return check_budget(int(text))
-    except (ValueError, BudgetError):
-        raise argparse.ArgumentTypeError(f"must be a positive integer (a visual-token count), got {text!r}") from None
-
 
 def parse_field_list(text: str) -> tuple[str, ...]:
     """``--allow-changed``: comma-separated field names (``max-steps`` spells ``max_steps`` too)."""
