@@ -6,6 +6,8 @@ train, launch processes or servers, or run lmms-eval, each taking more than abou
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,3 +83,11 @@ def run_cli(*argv: str) -> int:
     except CLIError as e:
         print(f"hires {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's error: exit status 2 and a single stderr line, no traceback."""
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]

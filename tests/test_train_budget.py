@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS
+from conftest import COLOURS, one_line_error
 from PIL import Image
 
 from hires_lmm.model import HiresLMM
@@ -55,13 +55,6 @@ def visual_per_sample(out: Path) -> list[float]:
 def hires(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hires_lmm.cli", *args], capture_output=True, text=True, env=ENV,
                           timeout=300)
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 # --- 1. the budget ---------------------------------------------------------------------------------

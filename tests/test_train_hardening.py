@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_colour_dataset
+from conftest import one_line_error, write_colour_dataset
 from safetensors.torch import load_file, save_file
 
 from hires_lmm.data.records import DataError
@@ -48,14 +48,6 @@ def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "-m", "llava-1.5", "--tiny", "--data-path", str(data / "train.json"), "--image-folder",
             str(data / "images"), "--output-dir", str(out), "--batch-size", "2", "--max-steps", "2",
             "--save-steps", "2", "--no-progress", *extra]
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    """The CLI's error: exit status 2 and a single stderr line, no traceback."""
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
