@@ -191,3 +191,18 @@ def test_demo_end_to_end_miniature(tmp_path, capsys):
     res2 = run_demo(tmp_path, config=cfg, progress=False)
     assert res2["methods"] == res["methods"]
     assert capsys.readouterr().out.count("reusing") == 4
+
+
+def test_demo_command_line_overrides_reach_the_config(monkeypatch, tmp_path):
+    """`hires demo --target-scale 6 --steps 120 --seed 1` runs the demo with those settings (the
+    2026-11-22 setting is one command away) and the rest of the defaults."""
+    import hires_lmm.demo as demo_pkg
+    from hires_lmm import cli
+    from hires_lmm.demo import run as demo_run
+
+    seen = {}
+    monkeypatch.setattr(demo_pkg, "run_demo", lambda out, config, **kw: seen.update(out=out, cfg=config))
+    assert cli.main(["demo", "--out", str(tmp_path), "--target-scale", "6", "--steps", "120", "--seed", "1"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.target_scale, cfg.steps, cfg.seed) == (6.0, 120, 1)
+    assert cfg.batch_size == demo_run.DemoConfig().batch_size and demo_run.DemoConfig().target_scale == 10.0

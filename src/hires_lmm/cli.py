@@ -262,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_tour(Path(args.out), quick=args.quick)
         return 0
     cfg = with_overrides(QUICK if args.quick else DemoConfig(), steps=args.steps, n=args.n, lr=args.lr,
-                         seed=args.seed, methods=tuple(_methods(args.methods)) if args.methods else None)
+                         seed=args.seed, target_scale=args.target_scale, methods=tuple(_methods(args.methods)) if args.methods else None)
     run_demo(Path(args.out), config=cfg, fresh=args.fresh, progress=not args.no_progress)
     return 0
 
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="training steps per method")
     d.add_argument("--n", type=int, help="images to generate")
     d.add_argument("--lr", type=float, help="learning rate of every method")
+    d.add_argument("--target-scale", type=float, help="the coloured square's side in units of 8 336-pixels "
+                   "(default 10: 160 px of a 672 px image; 6 was the 96 px of the 2026-11-22 results)")
     d.add_argument("--seed", type=int)
     d.add_argument("--methods", help="comma-separated subset of the compared methods")
     d.add_argument("--no-progress", action="store_true")
