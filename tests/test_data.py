@@ -728,6 +728,48 @@ def test_visual_token_counter_counts_a_composed_method_by_its_parts():
         VisualTokenCounter(None)
 
 
+def test_visual_token_counter_prepares_what_prepare_image_prepares_and_survives_pickling(tmp_path):
+    import pickle
+
+    import torch
+
+    from hires_lmm.processing import prepare_image
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (900, 500), (200, 40, 90)).save(path)
+    for method, options, spec in [("llava-next", None, NEXT_UHD), ("llava-next", {"max_visual_tokens": 600}, NEXT_UHD),
+                                  ("llava-uhd", {}, None)]:
+        counter = VisualTokenCounter(method, options, method_spec=spec)
+        want = prepare_image(str(path), method, options, method_spec=spec)
+        for c in (counter, pickle.loads(pickle.dumps(counter))):  # a DataLoader worker's copy plans alike
+            got = c.prepare(str(path))
+            assert got.plan.views == want.plan.views and got.plan.num_visual_tokens == want.plan.num_visual_tokens
+            assert got.plan.num_visual_tokens == c.num_visual_tokens((900, 500)) == c((900, 500))
+            assert all(torch.equal(a, b) for a, b in zip(got.views, want.views)) and len(got.views) == len(want.views)
+    # plan_options=None keeps a spec's own views options when rendering, as when counting
+    own = VisualTokenCounter(None, None, method_spec={**NEXT_UHD, "views_options": {"max_visual_tokens": 300}})
+    assert own.prepare(str(path)).plan.num_visual_tokens == own((900, 500)) == 222  # 494 unbudgeted
+
+
+def test_validate_counts_a_budget_refusal_as_a_bad_record(tmp_path):
+    from hires_lmm.plan import NEXT_PINPOINTS
+
+    img = tmp_path / "images"
+    img.mkdir()
+    Image.new("RGB", (500, 400), "red").save(img / "big.png")  # llava-next: no plan within 800 tokens
+    Image.new("RGB", (200, 800), "blue").save(img / "tall.png")  # 744 tokens at its smallest
+    assert min(plan_image("llava-next", (500, 400), pinpoints=[p]).num_visual_tokens for p in NEXT_PINPOINTS) > 800
+    recs = [make_record(rec(0, "big.png"), source="s.json"), make_record(rec(1, "tall.png"), source="s.json", index=1),
+            make_record(rec(2, "big.png", [H("<image> " + "word " * 400), G("x")]), source="s.json", index=2)]
+    report = validate(recs, image_folder=img, tokenizer=tokenizer("byte"), template="vicuna_v1", max_length=2000,
+                      method="llava-next", plan_options={"max_visual_tokens": 800})
+    assert [p.record_id for p in report.problems] == ["r0", "r2"] and report.budget_problems == report.problems
+    assert "max_visual_tokens" in report.problems[0].message and "\n" not in report.problems[0].message
+    assert [r.id for r in report.ok_records] == ["r1"]
+    enc = get_template("vicuna_v1").encode(tokenizer("byte"), recs[1].conversations)[0]
+    assert report.lengths == [len(enc) - 1 + plan_image("llava-next", (200, 800), max_visual_tokens=800).num_visual_tokens]
+
+
 def test_validate_counts_a_composed_method_by_its_parts(bad_data):
     from hires_lmm.parts import spec_from_dict
 

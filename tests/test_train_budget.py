@@ -126,9 +126,9 @@ def test_composed_method_lengths_are_the_spliced_lengths(tmp_path):
     import torch
 
     from hires_lmm.data.dataset import LlavaDataset
+    from hires_lmm.data.records import VisualTokenCounter
     from hires_lmm.methods import build_model
     from hires_lmm.parts import resolve_method
-    from hires_lmm.train.batches import ImagePlanner
     from hires_lmm.train.distributed import setup
     from hires_lmm.train.trainer import _load_and_validate, _model_for_stage
 
@@ -142,7 +142,7 @@ def test_composed_method_lengths_are_the_spliced_lengths(tmp_path):
     records, lengths, skipped = _load_and_validate(cfg, model, template, main=False)
     assert skipped == 0 and len(records) == 4  # the preset planner's count (~4x) would be over max_length
     dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                           model_prepare=ImagePlanner.of(model).prepare, lengths=lengths)
+                           model_prepare=VisualTokenCounter.of(model).prepare, lengths=lengths)
     with torch.no_grad():
         batch = model.build_inputs([dataset[i]["input_ids"] for i in range(4)],
                                    [dataset[i]["image_inputs"] for i in range(4)])
@@ -150,6 +150,35 @@ def test_composed_method_lengths_are_the_spliced_lengths(tmp_path):
     preset = [plan_image("llava-next", s).num_visual_tokens for s in sizes]
     assert all(3 * v < p for v, p in zip(batch.num_visual_tokens, preset))
     assert build_model(NEXT_UHD, tiny=True).config.method_spec == model.config.method_spec
+
+
+def test_the_trainer_reads_each_image_header_once(tmp_path, monkeypatch):
+    """Validation counts the lengths in the same pass: one header read per distinct image file."""
+    from collections import Counter
+
+    import hires_lmm.data.records as records
+    from hires_lmm.train.distributed import setup
+    from hires_lmm.train.trainer import _load_and_validate, _model_for_stage
+
+    data = write_dataset(tmp_path / "d", [SIZE, (300, 200), SIZE])
+    recs = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps(recs + [{**recs[0], "id": "again"}]))  # 0.png used twice
+    import hires_lmm.image.load as load
+
+    reads: Counter[str] = Counter()
+    image_size = load.image_size
+
+    def counted_size(path, *a, **kw):
+        reads[os.path.basename(str(path))] += 1
+        return image_size(path, *a, **kw)
+
+    for module in (records, load):
+        monkeypatch.setattr(module, "image_size", counted_size)
+    cfg = config(data, tmp_path / "o", max_visual_tokens=300)
+    model, _, _, template = _model_for_stage(cfg, setup(1, "no"), for_training=False)
+    recs_ok, lengths, skipped = _load_and_validate(cfg, model, template, main=False)
+    assert skipped == 0 and len(recs_ok) == 4 and reads == {"0.png": 1, "1.png": 1, "2.png": 1}
+    assert lengths[0] == lengths[3] and lengths[0] != lengths[1]
 
 
 def test_composed_method_trains_within_max_length_and_a_budget_from_the_cli(tmp_path):

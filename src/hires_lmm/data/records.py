@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import HiresError
+from ..errors import HiresError, one_line
 from ..image import ImageLoadError, image_size, load_image
 from ..plan import plan_image
+from ..plan.budget import BudgetError
 from ..text import IMAGE_TOKEN
 from .templates import IGNORE_INDEX, ROLES, ChatTemplate, get_template
 
@@ -438,39 +439,83 @@ def check_image(path: str, mode: bool | str = True) -> tuple[tuple[int, int] | N
 
 
 class VisualTokenCounter:
-    """``num_visual_tokens`` of a method's plan per image size, cached (plans are pure geometry).
+    """Plans and counts images as the model splices them, per image size, cached (plans are pure
+    geometry): the one count of a method's visual tokens for validation, dataset lengths and the
+    trainer's length grouping.
 
+    A preset plans with :func:`~hires_lmm.plan.plan_image` (``method`` and ``plan_options``).
     ``method_spec`` (a composed method: the model config's ``method_spec``, its method-file form,
-    or a :class:`~hires_lmm.parts.MethodSpec`) counts as the model splices
-    (:func:`hires_lmm.processing.plan_for`: e.g. LLaVA-NeXT's tiles through UHD's resampler are
+    or a :class:`~hires_lmm.parts.MethodSpec`) plans through its parts as
+    :func:`hires_lmm.processing.plan_for` does (e.g. LLaVA-NeXT's tiles through UHD's resampler are
     ~4x fewer tokens than the planner's count of ``method``, and a budget in ``plan_options``
     applies to the composed count); ``plan_options`` then replace its views options, as the model's
     config does (None keeps the spec's own). ``method`` may be None with a ``method_spec``.
+
+    Picklable (DataLoader workers render with :meth:`prepare`): a composed spec given as a mapping
+    is rebuilt in the worker, and the per-size cache starts empty there.
     """
 
     def __init__(self, method: str | None, plan_options: Mapping[str, Any] | None = None, *,
                  method_spec: Any = None) -> None:
         self.method, self.options = method, dict(plan_options or {})
-        self.spec: Any = None
-        if method_spec is not None:
-            from ..processing import method_spec_of  # torch / transformers: only for a composed method
-
-            self.spec = method_spec_of(method_spec, None if plan_options is None else self.options)
-        if self.spec is None and method is None:
+        self._keep_options = plan_options is not None
+        self._raw = method_spec if method_spec else None  # {} is a preset, as the model config has it
+        self._spec: Any = None
+        if self._raw is None and method is None:
             raise ValueError("VisualTokenCounter needs a method or a method_spec")
         self._cache: dict[tuple[int, int], int] = {}
 
+    @classmethod
+    def of(cls, model: Any) -> VisualTokenCounter:
+        """The counter of ``model`` (a :class:`~hires_lmm.model.HiresLMM`) as it is configured now:
+        its method, its ``plan_options`` (a training stage's, a budget among them) and its
+        ``method_spec`` if it is composed."""
+        c = model.config
+        return cls(c.method, c.plan_options, method_spec=getattr(c, "method_spec", None))
+
+    def __getstate__(self) -> dict[str, Any]:
+        built = self._spec if not isinstance(self._raw, Mapping) else None
+        return {**self.__dict__, "_spec": built, "_cache": {}}
+
+    @property
+    def spec(self) -> Any:
+        """The composed method's :class:`~hires_lmm.parts.MethodSpec` (None for a preset)."""
+        if self._spec is None and self._raw is not None:
+            from ..processing import method_spec_of  # torch / transformers: only for a composed method
+
+            self._spec = method_spec_of(self._raw, self.options if self._keep_options else None)
+        return self._spec
+
     @property
     def name(self) -> str:
-        """The method as its plans name it (a composed method's spec name)."""
+        """The method as its plans name it (a composed method's spec name, e.g. ``llava-next+uhd-spatial``)."""
         return str(self.spec.name) if self.spec is not None else str(self.method)
 
+    def plan(self, size: tuple[int, int]) -> Any:
+        """The :class:`~hires_lmm.plan.Plan` of an image of ``size`` = (width, height) with the count
+        the model splices; a budget no plan fits raises :class:`~hires_lmm.plan.budget.BudgetError`."""
+        spec = self.spec
+        return spec.plan(size) if spec is not None else plan_image(str(self.method), size, **self.options)
+
     def __call__(self, size: tuple[int, int]) -> int:
+        """Visual tokens of an image of ``size`` (cached)."""
         n = self._cache.get(size)
         if n is None:
-            plan = self.spec.plan(size) if self.spec is not None else plan_image(str(self.method), size, **self.options)
-            n = self._cache[size] = int(plan.num_visual_tokens)
+            n = self._cache[size] = int(self.plan(size).num_visual_tokens)
         return n
+
+    num_visual_tokens = __call__
+
+    def prepare(self, path: str | os.PathLike) -> Any:
+        """Load (safely), plan and render one image: the :class:`~hires_lmm.processing.ImageInput`
+        the model is fed, exactly :func:`~hires_lmm.processing.prepare_image`'s."""
+        from ..processing import prepare_image  # torch: only where images are rendered
+
+        spec = self.spec
+        # prepare_image replaces a spec's views options by its plan_options: give it the spec's own
+        # when this counter keeps them (plan_options=None)
+        options = self.options if spec is None or self._keep_options else dict(spec.options.get("views") or {})
+        return prepare_image(path, str(self.method), options, method_spec=spec)
 
 
 @dataclass
@@ -483,12 +528,15 @@ class ValidationReport:
         lengths: per ok record, its sequence length (text tokens + visual tokens; text only when
             images were not checked).
         num_records: how many records were checked.
+        budget_problems: the problems that are budget refusals (an image no plan of the method
+            fits ``max_visual_tokens`` for), also in ``problems``.
     """
 
     problems: list[Problem]
     ok_records: list[Record]
     lengths: list[int]
     num_records: int
+    budget_problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -514,7 +562,8 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
              template: str | ChatTemplate, max_length: int | None, method: str | None,
              plan_options: Mapping[str, Any] | None = None, check_images: bool | str = True,
              add_bos: bool | None = None, num_workers: int = 8, progress: bool | None = None,
-             chunk_size: int = 1024, method_spec: Any = None) -> ValidationReport:
+             chunk_size: int = 1024, method_spec: Any = None,
+             counter: VisualTokenCounter | None = None) -> ValidationReport:
     """Find every bad record before training.
 
     Per record: structural problems (:func:`check_record`); each image missing, not an image,
@@ -525,14 +574,16 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
     ``plan_image(method, size, **plan_options).num_visual_tokens`` tokens in place of its
     placeholder, or, with ``method_spec`` (a composed method: the model config's ``method_spec``),
     the count its parts splice (:class:`VisualTokenCounter`; pass it whenever the model has one:
-    the planner's count of ``method`` alone is wrong for it). Each distinct image file is read
+    the planner's count of ``method`` alone is wrong for it), or ``counter`` (the model's own:
+    :meth:`VisualTokenCounter.of`). An image no plan fits the budget (``max_visual_tokens`` in
+    ``plan_options``) for is a problem of its record, listed in ``budget_problems`` too. Each distinct image file is read
     once (threads: file access dominates); records are tokenised ``chunk_size`` at a time in one
     batched tokenizer call.
     """
     from tqdm.auto import tqdm
 
     tpl = get_template(template)
-    counts = method is not None or method_spec is not None
+    counts = method is not None or method_spec is not None or counter is not None
     if max_length is not None and check_images and not counts and any(r.images for r in records):
         raise ValueError("validate needs the method to count visual tokens against max_length")
     show = len(records) >= 10_000 if progress is None else progress
@@ -548,8 +599,9 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
             results = pool.map(lambda p: check_image(p, check_images), paths)
             for p, res in zip(paths, tqdm(results, total=len(paths), desc="images", disable=not show)):
                 sizes[p] = res
-    count = VisualTokenCounter(method, plan_options, method_spec=method_spec) if counts else None
+    count = counter or (VisualTokenCounter(method, plan_options, method_spec=method_spec) if counts else None)
     problems: list[Problem] = []
+    budget_problems: list[Problem] = []
     ok: list[Record] = []
     lengths: list[int] = []
     bar = tqdm(total=len(records), desc="records", disable=not show)
@@ -587,12 +639,20 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
                     mine.append(Problem(r.id, r.source, "has no reply to train on (every label is -100)"))
             total = n_text
             if n_text is not None and count is not None and check_images and len(known) == len(r.images):
-                visual = sum(count(sz) for sz in known)
-                total = n_text - len(known) + visual
-                if max_length is not None and total > max_length:
-                    mine.append(Problem(r.id, r.source, (
-                        f"sequence of {total} tokens ({n_text - len(known)} text + {visual} visual for {len(known)} "
-                        f"image(s) with {count.name}) exceeds max_length {max_length}")))
+                try:
+                    visual = sum(count(sz) for sz in known)
+                except BudgetError as e:  # no plan fits the budget: a bad record, not a crash
+                    budget_problems.append(Problem(r.id, r.source, one_line(e)))
+                    mine.append(budget_problems[-1])
+                else:
+                    total = n_text - len(known) + visual
+                    if max_length is not None and total > max_length and known:
+                        mine.append(Problem(r.id, r.source, (
+                            f"sequence of {total} tokens ({n_text - len(known)} text + {visual} visual for "
+                            f"{len(known)} image(s) with {count.name}) exceeds max_length {max_length}")))
+                    elif max_length is not None and total > max_length:
+                        mine.append(Problem(r.id, r.source, f"sequence of {total} text tokens exceeds max_length "
+                                                            f"{max_length}"))
             elif n_text is not None and max_length is not None and n_text > max_length:
                 mine.append(Problem(r.id, r.source, f"sequence of {n_text} text tokens exceeds max_length {max_length}"))
             if mine:
@@ -602,7 +662,7 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
                 lengths.append(int(total))  # type: ignore[arg-type]
         bar.update(len(chunk))
     bar.close()
-    return ValidationReport(problems, ok, lengths, len(records))
+    return ValidationReport(problems, ok, lengths, len(records), budget_problems)
 
 
 def iter_images(records: Iterable[Record], image_folder: str | os.PathLike | None) -> list[str]:

@@ -10,7 +10,7 @@ overridden; a requested engine that is not what ends up active stops the run bef
   resume point), :func:`_model_for_stage`, :func:`_load_data`, :class:`_Optimization`,
   :func:`_read_checkpoint`, :func:`_prepare`, :func:`_restore_position`, :func:`_record_start`,
   :func:`_loop` (:func:`_step` per optimizer step) and :func:`_finish`.
-* Visual tokens are counted as the model splices them (:class:`~.batches.ImagePlanner`: a composed
+* Visual tokens are counted as the model splices them (:class:`~hires_lmm.data.records.VisualTokenCounter`: a composed
   method's compressed count) within ``max_visual_tokens`` when one is given (saved in the model's
   ``plan_options``); a record over ``max_length``, or whose image no plan fits, is a bad record.
 * AdamW, cosine schedule with linear warmup, gradient accumulation, gradient clipping.
@@ -44,7 +44,7 @@ import torch
 
 from ..model import HiresLMM
 from . import checkpoint as ckpt_io
-from .batches import GlobalBatches, ImagePlanner, count_lengths
+from .batches import GlobalBatches
 from .config import MIXED_PRECISION as MIXED_PRECISION  # re-exported: the arguments' old home
 from .config import SCHEDULES as SCHEDULES
 from .config import TrainConfig, _is_int, check_config, config_defaults, config_json
@@ -170,39 +170,36 @@ def _template(cfg: TrainConfig, stage: Stage) -> Any:
 def _load_and_validate(cfg: TrainConfig, model: HiresLMM, template: Any, main: bool) -> tuple[list[Any], list[int], int]:
     """The usable records, their lengths and how many were skipped (``--skip-bad``).
 
-    Records are validated (structure, images, template) without counting visual tokens; their
-    lengths are then counted by the model's own planning (:func:`~.batches.count_lengths`: a
-    composed method's compressed count, within the model's ``max_visual_tokens``). A record over
-    ``max_length``, or with an image no plan fits the budget for, is a bad record."""
-    from ..data.records import DataError, ValidationReport, load_records, validate
+    Records are validated (structure, images, template) and their lengths counted in the same
+    pass, by the model's own planning (:meth:`~hires_lmm.data.records.VisualTokenCounter.of`: a
+    composed method's compressed count, within the model's ``max_visual_tokens``); each image
+    header is read once. A record over ``max_length``, or with an image no plan fits the budget
+    for, is a bad record."""
+    from ..data.records import DataError, VisualTokenCounter, load_records, validate
 
     try:
         records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
         report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                          max_length=None, method=None, progress=cfg.progress and main)
-        counted = count_lengths(report.ok_records, report.lengths, image_folder=cfg.image_folder,
-                                planner=ImagePlanner.of(model), max_length=cfg.max_length)
+                          max_length=cfg.max_length, method=cfg.method, counter=VisualTokenCounter.of(model),
+                          progress=cfg.progress and main)
     except DataError:
         raise
     except OSError as e:  # a directory, no permission, an I/O error
         raise TrainingError(f"cannot read the training data {cfg.data_path}: {one_line(e)}") from None
-    order = {(r.id, r.source): k for k, r in enumerate(records)}
-    problems = sorted(report.problems + counted.problems, key=lambda p: order.get((p.record_id, p.source), 0))
-    usable = [(r, n) for r, n in zip(report.ok_records, counted.lengths) if n is not None]
+    problems = report.problems
     if problems:
-        full = ValidationReport(problems, [r for r, _ in usable], [n for _, n in usable], report.num_records)
         if not cfg.skip_bad:
-            if len(problems) == len(counted.budget_problems):  # only the budget: one line naming a record
-                bad = full.num_bad
-                raise TrainingError(f"{problems[0]}; {bad} of {report.num_records} record(s) cannot be planned within "
-                                    f"max_visual_tokens={model.config.plan_options.get('max_visual_tokens')} "
+            if len(problems) == len(report.budget_problems):  # only the budget: one line naming a record
+                raise TrainingError(f"{problems[0]}; {report.num_bad} of {report.num_records} record(s) cannot be "
+                                    f"planned within max_visual_tokens="
+                                    f"{model.config.plan_options.get('max_visual_tokens')} "
                                     "(pass --skip-bad to skip them, or a larger --max-visual-tokens)")
-            full.raise_if_bad()
+            report.raise_if_bad()
         if main:
-            print(f"skipping {full.num_bad} bad record(s) (--skip-bad); first: {problems[0]}")
-    if not usable:
+            print(f"skipping {report.num_bad} bad record(s) (--skip-bad); first: {problems[0]}")
+    if not report.ok_records:
         raise TrainingError("no usable records to train on")
-    return [r for r, _ in usable], [n for _, n in usable], (full.num_bad if problems else 0)
+    return report.ok_records, report.lengths, report.num_bad
 
 
 # --- output directory, resumption ----------------------------------------------------------------
@@ -435,6 +432,7 @@ def _load_data(run: _Run, model: HiresLMM, template: Any) -> _Data:
     planned and rendered in the DataLoader: workers when ``--num-workers`` > 0), this rank's
     global batches and the run's length in steps."""
     from ..data.dataset import LlavaDataset
+    from ..data.records import VisualTokenCounter
 
     cfg = run.cfg
     records, lengths, skipped = _load_and_validate(cfg, model, template, run.main)
@@ -442,7 +440,7 @@ def _load_data(run: _Run, model: HiresLMM, template: Any) -> _Data:
     if run.saved is not None:
         check_same_data(run.saved.get("data"), fingerprint, str(run.resume_from))
     dataset = LlavaDataset(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                           model_prepare=ImagePlanner.of(model).prepare, method=cfg.method,
+                           model_prepare=VisualTokenCounter.of(model).prepare, method=cfg.method,
                            plan_options=model.config.plan_options, lengths=lengths)
     batches = GlobalBatches(dataset.lengths(), cfg.batch_size, world=run.accelerator.num_processes,
                             rank=run.accelerator.process_index, accum=cfg.grad_accum, seed=cfg.seed,
