@@ -206,3 +206,63 @@ def test_demo_command_line_overrides_reach_the_config(monkeypatch, tmp_path):
     cfg = seen["cfg"]
     assert (cfg.target_scale, cfg.steps, cfg.seed) == (6.0, 120, 1)
     assert cfg.batch_size == demo_run.DemoConfig().batch_size and demo_run.DemoConfig().target_scale == 10.0
+
+
+# --- the demo at several seeds ----------------------------------------------------------------------
+
+def _seed_results(accs: dict[str, float]) -> dict:
+    """A demo result as run_demo returns it, with these accuracies."""
+    return {"chance": 100 / 3, "methods": {m: {"accuracy": a, "visual_tokens": 576.0 if m == "llava-1.5" else 1000.0,
+                                               "tflops": 8.5 if m == "llava-1.5" else 16.0} for m, a in accs.items()}}
+
+
+def test_summarize_seeds_checks_every_method_at_every_seed():
+    from hires_lmm.demo.seeds import format_seeds_table, summarize_seeds
+
+    per_seed = {0: _seed_results({"llava-1.5": 33.3, "llava-uhd": 100.0, "inf-llava": 66.7}),
+                2: _seed_results({"llava-1.5": 33.75, "llava-uhd": 90.0, "inf-llava": 100.0})}
+    s = summarize_seeds(per_seed)
+    uhd, inf = s["methods"]["llava-uhd"], s["methods"]["inf-llava"]
+    assert s["seeds"] == [0, 2] and uhd["accuracy_per_seed"] == {"0": 100.0, "2": 90.0}
+    assert uhd["accuracy"] == pytest.approx(95.0) and uhd["accuracy_spread"] == pytest.approx(7.0711, abs=1e-4)
+    assert inf["margin_per_seed"] == {"0": pytest.approx(33.4), "2": pytest.approx(66.25)}
+    assert s["weakest"] == {"method": "inf-llava", "seed": 0, "margin": pytest.approx(33.4)}
+    assert s["baseline_at_chance"] and s["holds"]
+    table = format_seeds_table(s)
+    assert "| inf-llava | 1000 | 16.00 | 66.7 % | 100.0 % | 83.3 ± 23.5 | +33.4 |" in table
+    assert "**yes** (smallest margin: inf-llava at seed 0, +33.4)" in table
+    # one method 29.9 points above at one seed, or the baseline off chance: the claim fails
+    per_seed[2]["methods"]["llava-uhd"]["accuracy"] = 63.65
+    assert not summarize_seeds(per_seed)["holds"] and summarize_seeds(per_seed)["weakest"]["method"] == "llava-uhd"
+    per_seed[2]["methods"]["llava-uhd"]["accuracy"] = 90.0
+    per_seed[2]["methods"]["llava-1.5"]["accuracy"] = 36.0
+    s = summarize_seeds(per_seed)
+    assert not s["baseline_at_chance"] and not s["holds"] and "llava-1.5 is not at chance" in format_seeds_table(s)
+    with pytest.raises(ValueError, match="no seeds"):
+        summarize_seeds({})
+
+
+def test_demo_seeds_runs_the_whole_demo_at_each_seed(monkeypatch, tmp_path, capsys):
+    """`hires demo --seeds 0,1 --steps 7`: one demo per seed into OUT/seed-S with that seed and the
+    other settings, then OUT/seeds.json and seeds.md; exit 1 when a method is under the bar."""
+    from hires_lmm import cli
+    from hires_lmm.demo import seeds as demo_seeds
+
+    ran = []
+    accs = {0: {"llava-1.5": 33.3, "llava-hr": 100.0}, 1: {"llava-1.5": 33.3, "llava-hr": 100.0}}
+
+    def fake_run_demo(out, config, **kw):
+        ran.append((out, config.seed, config.steps))
+        return _seed_results(accs[config.seed])
+
+    monkeypatch.setattr(demo_seeds, "run_demo", fake_run_demo)
+    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,1", "--steps", "7", "--no-progress"]) == 0
+    assert ran == [(tmp_path / "seed-0", 0, 7), (tmp_path / "seed-1", 1, 7)]
+    saved = json.loads((tmp_path / "seeds.json").read_text())
+    assert saved["holds"] and saved["methods"]["llava-hr"]["margin_min"] == pytest.approx(66.7)
+    assert "| llava-hr |" in (tmp_path / "seeds.md").read_text() and "| llava-hr |" in capsys.readouterr().out
+    accs[1]["llava-hr"] = 40.0
+    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,1", "--no-progress"]) == 1
+    assert not json.loads((tmp_path / "seeds.json").read_text())["holds"]
+    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,0"]) != 0
+    assert "each seed once" in capsys.readouterr().err

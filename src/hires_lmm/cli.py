@@ -263,6 +263,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     cfg = with_overrides(QUICK if args.quick else DemoConfig(), steps=args.steps, n=args.n, lr=args.lr,
                          seed=args.seed, target_scale=args.target_scale, methods=tuple(_methods(args.methods)) if args.methods else None)
+    if args.seeds is not None:
+        from .compare.cli import parse_ints
+        from .demo.seeds import run_demo_seeds
+
+        seeds = parse_ints(args.seeds, "--seeds")
+        if len(set(seeds)) != len(seeds):
+            raise CLIError(f"--seeds: each seed once, got {args.seeds!r}")
+        summary = run_demo_seeds(Path(args.out), seeds, cfg, fresh=args.fresh, progress=not args.no_progress)
+        return 0 if summary["holds"] or "llava-1.5" not in cfg.methods else 1
     run_demo(Path(args.out), config=cfg, fresh=args.fresh, progress=not args.no_progress)
     return 0
 
@@ -340,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: train every method's tiny model on the synthetic fine-detail "
                                     "task and compare them (table, figure, plan overlays)")
-    d.add_argument("--out", default="out/demo")
+    d.add_argument("--out", default="out/demo", help="output folder (finished stages in it are reused)")
     d.add_argument("--quick", action="store_true", help="the 2-minute smoke version")
     d.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages in --out")
     d.add_argument("--steps", type=int, help="training steps per method")
@@ -348,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, help="learning rate of every method")
     d.add_argument("--target-scale", type=float, help="the coloured square's side in units of 8 336-pixels "
                    "(default 10: 160 px of a 672 px image; 6 was the 96 px of the 2026-11-22 results)")
-    d.add_argument("--seed", type=int)
+    seeds = d.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="seed of the data, the encoders and the training (default 0)")
+    seeds.add_argument("--seeds", help="comma-separated seeds: the whole demo at each, into OUT/seed-S, then "
+                       "OUT/seeds.md (every method per seed, mean ± sd, margin over llava-1.5); exit status 1 "
+                       "if a method is below llava-1.5 + 30 at a seed")
     d.add_argument("--methods", help="comma-separated subset of the compared methods")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--tour", action="store_true", help="instead: every method's plan of a bundled image, with pictures")
