@@ -768,6 +768,11 @@ def test_validate_counts_a_budget_refusal_as_a_bad_record(tmp_path):
     assert [r.id for r in report.ok_records] == ["r1"]
     enc = get_template("vicuna_v1").encode(tokenizer("byte"), recs[1].conversations)[0]
     assert report.lengths == [len(enc) - 1 + plan_image("llava-next", (200, 800), max_visual_tokens=800).num_visual_tokens]
+    # a record without images over max_length is a text-only length problem, counted or not
+    long = [make_record(rec(3, conv=[H("word " * 600), G("x")]), source="s.json", index=3)]
+    (msg,) = [p.message for p in validate(long, image_folder=img, tokenizer=tokenizer("byte"), template="vicuna_v1",
+                                          max_length=2000, method="llava-next").problems]
+    assert msg.startswith("sequence of") and "text tokens exceeds max_length 2000" in msg
 
 
 def test_validate_counts_a_composed_method_by_its_parts(bad_data):

@@ -638,7 +638,7 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
                 if enc.labels.count(IGNORE_INDEX) == len(enc.labels):
                     mine.append(Problem(r.id, r.source, "has no reply to train on (every label is -100)"))
             total = n_text
-            if n_text is not None and count is not None and check_images and len(known) == len(r.images):
+            if n_text is not None and count is not None and check_images and known and len(known) == len(r.images):
                 try:
                     visual = sum(count(sz) for sz in known)
                 except BudgetError as e:  # no plan fits the budget: a bad record, not a crash
@@ -646,13 +646,10 @@ def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | Non
                     mine.append(budget_problems[-1])
                 else:
                     total = n_text - len(known) + visual
-                    if max_length is not None and total > max_length and known:
+                    if max_length is not None and total > max_length:
                         mine.append(Problem(r.id, r.source, (
                             f"sequence of {total} tokens ({n_text - len(known)} text + {visual} visual for "
                             f"{len(known)} image(s) with {count.name}) exceeds max_length {max_length}")))
-                    elif max_length is not None and total > max_length:
-                        mine.append(Problem(r.id, r.source, f"sequence of {total} text tokens exceeds max_length "
-                                                            f"{max_length}"))
             elif n_text is not None and max_length is not None and n_text > max_length:
                 mine.append(Problem(r.id, r.source, f"sequence of {n_text} text tokens exceeds max_length {max_length}"))
             if mine:

@@ -64,8 +64,8 @@ def summarize_seeds(per_seed: Mapping[int, Mapping[str, Any]], *, baseline: str 
             if name == baseline:
                 continue
             m["margin_per_seed"] = {s: acc - base[s] for s, acc in m["accuracy_per_seed"].items()}
-            m["margin_min"] = min(m["margin_per_seed"].values())
             low = min(m["margin_per_seed"].items(), key=lambda kv: kv[1])
+            m["margin_min"] = low[1]
             if weakest is None or low[1] < weakest[2]:
                 weakest = (name, int(low[0]), low[1])
     at_chance = (baseline in methods and chance is not None
