@@ -240,6 +240,10 @@ def test_summarize_seeds_checks_every_method_at_every_seed():
     assert not s["baseline_at_chance"] and not s["holds"] and "llava-1.5 is not at chance" in format_seeds_table(s)
     with pytest.raises(ValueError, match="no seeds"):
         summarize_seeds({})
+    # without the baseline there is no claim: holds is None, not False, and the table says why
+    s = summarize_seeds({0: _seed_results({"llava-uhd": 100.0})})
+    assert s["holds"] is None and s["weakest"] is None
+    assert "llava-1.5 was not run" in format_seeds_table(s)
 
 
 def test_demo_seeds_runs_the_whole_demo_at_each_seed(monkeypatch, tmp_path, capsys):
@@ -264,5 +268,12 @@ def test_demo_seeds_runs_the_whole_demo_at_each_seed(monkeypatch, tmp_path, caps
     accs[1]["llava-hr"] = 40.0
     assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,1", "--no-progress"]) == 1
     assert not json.loads((tmp_path / "seeds.json").read_text())["holds"]
-    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,0"]) != 0
-    assert "each seed once" in capsys.readouterr().err
+    ran.clear()
+    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,0"]) == 2 and ran == []
+    err = capsys.readouterr().err
+    assert "each seed once" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # no llava-1.5 among the methods: nothing to fail, exit 0
+    accs[1]["llava-hr"], accs[1]["llava-1.5"] = 40.0, 33.3
+    accs[0].pop("llava-1.5"), accs[1].pop("llava-1.5")
+    assert cli.main(["demo", "--out", str(tmp_path), "--seeds", "0,1", "--methods", "llava-hr", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "seeds.json").read_text())["holds"] is None

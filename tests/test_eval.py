@@ -242,6 +242,42 @@ def test_predict_resumes(env, tmp_path):
     assert len(read_jsonl(out)) == 6
 
 
+def test_predict_batches_questions_of_one_length_and_answers_as_one_at_a_time(tmp_path):
+    """llava-next plans 2 image sizes to 2 visual-token counts; questions alternate between them.
+    Grouped, each batch of 2 holds one size (no padding); the answers are those of batch size 1."""
+    from hires_lmm.data.records import VisualTokenCounter
+    from hires_lmm.eval.predict import group_by_length_order, predict
+    from hires_lmm.methods import build_model
+
+    model = build_model("llava-next", tiny=True, seed=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = [(336, 336), (672, 336)] * 3
+    for k, size in enumerate(sizes):
+        _image(images / f"im{k}.png", size, seed=k)
+    qfile = _write(tmp_path / "q.jsonl", [{"question_id": f"q{k}", "image": f"im{k}.png", "text": "What?"}
+                                           for k in range(len(sizes))]
+                   + [{"question_id": "bad", "image": "missing.png", "text": "What?"}])
+    counter = VisualTokenCounter.of(model)
+    assert counter((336, 336)) != counter((672, 336))
+    order = group_by_length_order(model, [json.loads(x) for x in qfile.read_text().splitlines()], images, 2)
+    assert [q["question_id"] for q in order] == ["bad", "q0", "q2", "q4", "q1", "q3", "q5"]
+    batches: list[list[str]] = []
+    predict(model, qfile, images, tmp_path / "grouped.jsonl", batch_size=2, max_new_tokens=3, progress=False,
+            on_batch=lambda recs: batches.append([r["question_id"] for r in recs]))
+    assert batches == [["bad", "q0"], ["q2", "q4"], ["q1", "q3"], ["q5"]]
+    one = tmp_path / "one.jsonl"
+    predict(model, qfile, images, one, batch_size=1, max_new_tokens=3, progress=False)
+    grouped = {r["question_id"]: r for r in read_jsonl(tmp_path / "grouped.jsonl")}
+    single = {r["question_id"]: r for r in read_jsonl(one)}
+    assert {k: r["text"] for k, r in grouped.items()} == {k: r["text"] for k, r in single.items()}
+    assert "error" in grouped["bad"] and "missing.png" in grouped["bad"]["error"]
+    # file order when asked
+    predict(model, qfile, images, tmp_path / "ordered.jsonl", batch_size=2, max_new_tokens=3, progress=False,
+            group_by_length=False)
+    assert [r["question_id"] for r in read_jsonl(tmp_path / "ordered.jsonl")] == [f"q{k}" for k in range(6)] + ["bad"]
+
+
 def test_predict_shards_partition_the_questions(env, tmp_path):
     from hires_lmm.eval.predict import predict, resolve_shard, shard_path
 

@@ -559,7 +559,7 @@ class ValidationReport:
 
 
 def validate(records: Sequence[Record], *, image_folder: str | os.PathLike | None, tokenizer: PreTrainedTokenizerBase,
-             template: str | ChatTemplate, max_length: int | None, method: str | None,
+             template: str | ChatTemplate, max_length: int | None, method: str | None = None,
              plan_options: Mapping[str, Any] | None = None, check_images: bool | str = True,
              add_bos: bool | None = None, num_workers: int = 8, progress: bool | None = None,
              chunk_size: int = 1024, method_spec: Any = None,

@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import HiresError
 from .run import DemoConfig, run_demo
 
-__all__ = ["BASELINE", "MARGIN", "format_seeds_table", "run_demo_seeds", "summarize_seeds"]
+__all__ = ["BASELINE", "MARGIN", "SeedsError", "format_seeds_table", "run_demo_seeds", "summarize_seeds"]
 
 #: the method every high-resolution method is measured against
 BASELINE = "llava-1.5"
@@ -29,6 +30,10 @@ MARGIN = 30.0
 #: how far from chance (points) the baseline may be and still count as "at chance": one held-out
 #: answer of the demo's 240 is 0.4 points
 CHANCE_TOLERANCE = 1.0
+
+
+class SeedsError(HiresError, ValueError):
+    """The seeds asked for cannot be run: none, or one twice."""
 
 
 def summarize_seeds(per_seed: Mapping[int, Mapping[str, Any]], *, baseline: str = BASELINE,
@@ -40,7 +45,8 @@ def summarize_seeds(per_seed: Mapping[int, Mapping[str, Any]], *, baseline: str 
     "accuracy_spread": sample sd (0 for one seed), "accuracy_min", "margin_per_seed": {seed: points
     above the baseline}, "margin_min", "visual_tokens", "tflops"}}, "baseline", "margin", "chance",
     "baseline_at_chance", "holds": every other method ≥ baseline + margin at every seed (and the
-    baseline at chance), "weakest": (method, seed, margin) of the smallest margin}``.
+    baseline at chance; None when the baseline was not run, so there is no claim to check),
+    "weakest": (method, seed, margin) of the smallest margin}``.
     """
     if not per_seed:
         raise ValueError("no seeds to summarise")
@@ -70,7 +76,7 @@ def summarize_seeds(per_seed: Mapping[int, Mapping[str, Any]], *, baseline: str 
                 weakest = (name, int(low[0]), low[1])
     at_chance = (baseline in methods and chance is not None
                  and all(abs(a - chance) <= CHANCE_TOLERANCE for a in methods[baseline]["accuracy_per_seed"].values()))
-    holds = bool(at_chance and weakest is not None and weakest[2] >= margin)
+    holds = bool(at_chance and weakest is not None and weakest[2] >= margin) if baseline in methods else None
     return {"seeds": seeds, "methods": methods, "baseline": baseline, "margin": margin, "chance": chance,
             "baseline_at_chance": at_chance, "holds": holds,
             "weakest": None if weakest is None else {"method": weakest[0], "seed": weakest[1], "margin": weakest[2]}}
@@ -93,6 +99,9 @@ def format_seeds_table(summary: Mapping[str, Any]) -> str:
         chance = f"{summary['chance']:.1f} %"
         lines.append("| *chance* | | | " + " | ".join(chance for _ in seeds) + " | | |")
     w = summary.get("weakest")
+    if summary["holds"] is None:
+        lines += ["", f"{summary['baseline']} was not run: no margins to check."]
+        return "\n".join(lines)
     verdict = "yes" if summary["holds"] else "no"
     lines += ["", f"Every method ≥ {summary['baseline']} + {summary['margin']:g} points at every seed, "
                   f"{summary['baseline']} at chance: **{verdict}**"
@@ -105,9 +114,11 @@ def run_demo_seeds(out: str | Path, seeds: Sequence[int], config: DemoConfig | N
                    progress: bool = True) -> dict[str, Any]:
     """Run the demo at each of ``seeds`` into ``OUT/seed-S`` (data, encoders and models of its
     own; finished stages are reused unless ``fresh``), then write ``OUT/seeds.json`` and
-    ``OUT/seeds.md`` (:func:`summarize_seeds`) and print the table; returns the summary."""
+    ``OUT/seeds.md`` (:func:`summarize_seeds`) and print the table; returns the summary.
+
+    Raises :class:`SeedsError` (before running anything) when ``seeds`` is empty or repeats one."""
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one: {list(seeds)}")
+        raise SeedsError(f"seeds: each seed once and at least one, got {','.join(map(str, seeds)) or 'none'}")
     cfg = config or DemoConfig()
     out = Path(out)
     per_seed = {}

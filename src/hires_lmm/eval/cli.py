@@ -31,7 +31,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       template=args.template, num_shards=num_shards, shard=shard, progress=not args.no_progress,
                       model_id=args.model_id, seed=args.seed, retry_errors=args.retry_errors, device=args.device,
-                      fast_decode=args.fast_decode, max_visual_tokens=args.max_visual_tokens)
+                      fast_decode=args.fast_decode, max_visual_tokens=args.max_visual_tokens,
+                      group_by_length=not args.file_order)
     except (FileNotFoundError, ImageLoadError, ModelLoadError) as e:
         raise CLIError(one_line(e)) from None
     except ValueError as e:  # a malformed question file, an unknown template
@@ -90,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="JSONL output, resumed when it exists; with several shards each writes "
                         "A.shard{k}-of-{n}.jsonl unless the name holds {shard}")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--file-order", action="store_true",
+                   help="batch and write questions in file order (default: questions of one spliced length are "
+                        "batched together, which avoids padding and is faster; answers are keyed by question_id)")
     _add_decoding(p, 32)
     p.add_argument("--num-shards", type=int, help="split the questions into N shards (default: torchrun's WORLD_SIZE, else 1)")
     p.add_argument("--shard", type=int, help="which shard to answer, 0-based (default: torchrun's RANK)")

@@ -180,7 +180,7 @@ def _load_and_validate(cfg: TrainConfig, model: HiresLMM, template: Any, main: b
     try:
         records = load_records(cfg.data_path, strict=False, seed=cfg.seed)  # validate reports every problem at once
         report = validate(records, image_folder=cfg.image_folder, tokenizer=model.tokenizer, template=template,
-                          max_length=cfg.max_length, method=cfg.method, counter=VisualTokenCounter.of(model),
+                          max_length=cfg.max_length, counter=VisualTokenCounter.of(model),
                           progress=cfg.progress and main)
     except DataError:
         raise
