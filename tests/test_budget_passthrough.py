@@ -62,13 +62,14 @@ def test_predict_budget_sets_the_visual_tokens(uhd, tmp_path, spliced):
     unbudgeted = [plan_image("llava-uhd", s).num_visual_tokens for s in SIZES]
     budgeted = [plan_image("llava-uhd", s, max_visual_tokens=BUDGET).num_visual_tokens for s in SIZES]
     assert budgeted == [724, 724] and unbudgeted[0] > BUDGET  # the budget really changes the first plan
+    # file order (group_by_length=False), so the spliced counts line up with SIZES
     res = predict(uhd["model_dir"], uhd["questions"], uhd["images"], tmp_path / "a.jsonl", batch_size=2,
-                  max_new_tokens=2, progress=False, max_visual_tokens=BUDGET)
+                  max_new_tokens=2, progress=False, max_visual_tokens=BUDGET, group_by_length=False)
     assert res.errors == 0 and res.written == 2
     assert spliced == budgeted
     spliced.clear()
     predict(uhd["model_dir"], uhd["questions"], uhd["images"], tmp_path / "b.jsonl", batch_size=2,
-            max_new_tokens=2, progress=False)
+            max_new_tokens=2, progress=False, group_by_length=False)
     assert spliced == unbudgeted  # without the option, the saved config's (no budget)
 
 
