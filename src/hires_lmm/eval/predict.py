@@ -14,6 +14,10 @@ Resuming: answers already in ``answers_file`` are kept and their questions skipp
 are appended and flushed after every batch, so an interrupted run loses at most the batch in
 flight. A last line cut off mid-write is dropped when the file is reopened.
 
+Order: questions whose images splice to the same number of tokens are batched together
+(:func:`group_by_length_order`: no padding, the faster attention kernel), so answers are written
+in that order; ``group_by_length=False`` (``hires predict --file-order``) keeps file order.
+
 Sharding: shard ``k`` of ``n`` answers questions ``k, k + n, k + 2n, …`` (in file order);
 :func:`resolve_shard` takes ``RANK``/``WORLD_SIZE`` from torchrun when they are not given.
 Each shard should write its own answers file (the CLI names them ``A.shard{k}-of-{n}.jsonl``);
