@@ -260,7 +260,7 @@ def test_predict_batches_questions_of_one_length_and_answers_as_one_at_a_time(tm
                    + [{"question_id": "bad", "image": "missing.png", "text": "What?"}])
     counter = VisualTokenCounter.of(model)
     assert counter((336, 336)) != counter((672, 336))
-    order = group_by_length_order(model, [json.loads(x) for x in qfile.read_text().splitlines()], images, 2)
+    order = group_by_length_order(model, [json.loads(x) for x in qfile.read_text().splitlines()], images)
     assert [q["question_id"] for q in order] == ["bad", "q0", "q2", "q4", "q1", "q3", "q5"]
     batches: list[list[str]] = []
     predict(model, qfile, images, tmp_path / "grouped.jsonl", batch_size=2, max_new_tokens=3, progress=False,

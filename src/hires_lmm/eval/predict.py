@@ -238,8 +238,7 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
 
     Bad images are recorded as error answers, not raised (see the module doc).
     """
-    from ..image import ImageLoadError
-    from ..plan.budget import BudgetError, check_budget
+    from ..plan.budget import check_budget
 
     if max_visual_tokens is not None:
         max_visual_tokens = check_budget(max_visual_tokens)
@@ -257,9 +256,18 @@ def predict(model: PathLike | HiresLMM, question_file: PathLike, image_folder: P
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, template=template,
                         num_shards=num_shards, shard=shard, progress=progress, model_id=model_id, seed=seed,
                         retry_errors=retry_errors, fast_decode=fast_decode, on_batch=on_batch,
-                        recorded=(ImageLoadError, OSError, BudgetError), group_by_length=group_by_length)
+                        recorded=recorded_errors(), group_by_length=group_by_length)
     finally:
         net.config.plan_options = saved_options
+
+
+def recorded_errors() -> tuple[type[BaseException], ...]:
+    """What :func:`predict` records as a question's error answer when preparing its image raises
+    it: unreadable images (missing, not an image, corrupt, too large) and budget refusals."""
+    from ..image import ImageLoadError
+    from ..plan.budget import BudgetError
+
+    return ImageLoadError, OSError, BudgetError
 
 
 def _predict(net: HiresLMM, model_dir: str | None, questions: list[dict[str, Any]], question_file: PathLike,
@@ -267,7 +275,7 @@ def _predict(net: HiresLMM, model_dir: str | None, questions: list[dict[str, Any
              temperature: float, top_p: float, template: str | None, num_shards: int, shard: int, progress: bool,
              model_id: str | None, seed: int | None, retry_errors: bool, fast_decode: bool,
              on_batch: Callable[[list[dict[str, Any]]], None] | None,
-             recorded: tuple[type[BaseException], ...], group_by_length: bool = True) -> PredictResult:
+             recorded: tuple[type[BaseException], ...], group_by_length: bool) -> PredictResult:
     """The loop of :func:`predict` over a loaded model; exceptions of ``recorded`` raised while
     preparing a question's image become its error answer."""
     template = template or training_template(model_dir, net) or DEFAULT_TEMPLATE
@@ -279,7 +287,7 @@ def _predict(net: HiresLMM, model_dir: str | None, questions: list[dict[str, Any
     todo = [q for q in questions if str(q["question_id"]) not in done]
     folder = Path(image_folder)
     if group_by_length and batch_size > 1:
-        todo = group_by_length_order(net, todo, folder, batch_size)
+        todo = group_by_length_order(net, todo, folder, unreadable=recorded)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -329,22 +337,24 @@ def _predict(net: HiresLMM, model_dir: str | None, questions: list[dict[str, Any
     return PredictResult(str(out), shard, num_shards, len(questions), len(questions) - len(todo), written, errors, template)
 
 
-def group_by_length_order(net: HiresLMM, questions: list[dict[str, Any]], image_folder: Path,
-                          batch_size: int) -> list[dict[str, Any]]:
-    """``questions`` reordered so that each batch of ``batch_size`` holds prompts of one spliced
-    length where it can: sorted by (visual tokens of the image, as planned from its header; the
+def group_by_length_order(net: HiresLMM, questions: list[dict[str, Any]], image_folder: Path, *,
+                          unreadable: tuple[type[BaseException], ...] | None = None) -> list[dict[str, Any]]:
+    """``questions`` reordered so that consecutive questions (so each batch, where it can) have
+    one spliced length: sorted by (visual tokens of the image, as planned from its header; the
     question's characters), stable, so equal keys keep file order.
 
     Why: a batch of unequal lengths is left-padded, and the padding mask sends the prefill's
     attention to SDPA's masked kernel; a batch without padding takes the causal kernel, 3-6x faster
     on the CPU (a 16-question batch of the demo's llava-next: 0.43 s against 1.3-2.7 s). Greedy
-    answers do not depend on the batch. Questions whose image header cannot be read sort first;
-    their error is recorded when the batch prepares them, as without grouping.
+    answers do not depend on the batch. Questions whose image header raises one of
+    ``unreadable`` (default: :func:`recorded_errors`) sort first; their
+    error is recorded when the batch prepares them, as without grouping. Each header is read here
+    and again when the batch prepares the image (a header read, small beside the decode).
     """
     from ..data.records import VisualTokenCounter
-    from ..image import ImageLoadError, image_size
-    from ..plan.budget import BudgetError
+    from ..image import image_size
 
+    unreadable = recorded_errors() if unreadable is None else unreadable
     counter = VisualTokenCounter.of(net)
 
     def key(q: dict[str, Any]) -> tuple[int, int]:
@@ -352,7 +362,7 @@ def group_by_length_order(net: HiresLMM, questions: list[dict[str, Any]], image_
         if q.get("image"):
             try:
                 n = counter(image_size(image_folder / str(q["image"])))
-            except (ImageLoadError, OSError, BudgetError, ValueError):
+            except unreadable:
                 n = -1
         return n, len(str(q.get("text", "")))
 
